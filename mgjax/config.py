@@ -1,0 +1,291 @@
+"""Frozen, hashable configuration dataclasses and their YAML / `key=value` loading.
+
+A YAML file has one section per dataclass field of `MusicGenConfig` (`codec`, `text`, `lm`) plus an optional `train`
+section; every key must name a field, otherwise loading fails with a message naming the key. Lists become tuples so
+configs stay hashable (they are static arguments to `jax.jit`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not map onto the dataclasses."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecConfig:
+    """EnCodec (SEANet encoder/decoder + residual VQ). Defaults: the 32 kHz codec of the released MusicGen models."""
+
+    sample_rate: int = 32000
+    channels: int = 1
+    dimension: int = 128  # latent width (transformers: hidden_size)
+    n_filters: int = 64
+    ratios: tuple[int, ...] = (8, 5, 4, 4)  # decoder (upsampling) order; the encoder uses them reversed
+    n_residual_layers: int = 1
+    residual_kernel_size: int = 3
+    dilation_base: int = 2
+    kernel_size: int = 7
+    last_kernel_size: int = 7
+    compress: int = 2
+    lstm_layers: int = 2
+    causal: bool = False
+    pad_mode: str = "reflect"  # 'reflect' (transformers encodec_32khz) or 'constant' (audiocraft yaml)
+    true_skip: bool = True  # identity skip in residual blocks (transformers: not use_conv_shortcut)
+    trim_right_ratio: float = 1.0
+    n_q: int = 4
+    codebook_size: int = 2048
+    codebook_dim: int = 0  # 0 means `dimension`
+    normalize: bool = False
+
+    @property
+    def hop_length(self) -> int:
+        return int(math.prod(self.ratios))
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    @property
+    def effective_codebook_dim(self) -> int:
+        return self.codebook_dim or self.dimension
+
+    def validate(self) -> None:
+        if self.pad_mode not in ("reflect", "constant"):
+            raise ConfigError(f"codec.pad_mode must be 'reflect' or 'constant', got {self.pad_mode!r}")
+        if self.n_q < 1 or self.codebook_size < 2:
+            raise ConfigError(f"codec needs n_q >= 1 and codebook_size >= 2, got {self.n_q}, {self.codebook_size}")
+        if not self.ratios or any(r < 1 for r in self.ratios):
+            raise ConfigError(f"codec.ratios must be positive integers, got {self.ratios}")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """T5 encoder. Defaults: t5-base."""
+
+    vocab_size: int = 32128
+    d_model: int = 768
+    d_kv: int = 64
+    d_ff: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    feed_forward_proj: str = "relu"  # 'relu' or 'gated-gelu'
+    layer_norm_epsilon: float = 1e-6
+    pad_token_id: int = 0
+
+    def validate(self) -> None:
+        if self.feed_forward_proj not in ("relu", "gated-gelu"):
+            raise ConfigError(f"text.feed_forward_proj must be 'relu' or 'gated-gelu', got {self.feed_forward_proj!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """MusicGen decoder LM. Defaults: musicgen-small."""
+
+    dim: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    ffn_dim: int = 4096
+    num_codebooks: int = 4
+    card: int = 2048  # codebook size; token id `card` is the special (input-only) token
+    pattern: str = "delay"  # delay | parallel | unroll | coarse_first | musiclm
+    pattern_delays: tuple[int, ...] = ()  # delay pattern: () means (0, 1, ..., K-1)
+    pattern_flattening: tuple[int, ...] = ()  # unroll pattern: () means (0, 1, ..., K-1)
+    pattern_group_size: int = 1  # musiclm pattern
+    conditioning: str = "cross"  # 'cross' (cross-attention) or 'prepend' (melody models)
+    layer_norm_eps: float = 1e-5
+    compute_dtype: str = "float32"
+    remat: bool = False
+    num_chroma: int = 12  # melody models: chroma bins projected and prepended
+    chroma_length: int = 235  # melody models: number of chroma frames in the prefix
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def validate(self) -> None:
+        if self.dim % self.num_heads:
+            raise ConfigError(f"lm.dim={self.dim} is not divisible by lm.num_heads={self.num_heads}")
+        if self.conditioning not in ("cross", "prepend"):
+            raise ConfigError(f"lm.conditioning must be 'cross' or 'prepend', got {self.conditioning!r}")
+        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"lm.compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, data and mesh settings for `train.py`."""
+
+    seed: int = 0
+    batch_size: int = 8
+    segment_duration: float = 10.0
+    learning_rate: float = 1e-4
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 1
+    ema_decay: float = 0.0  # 0 disables EMA
+    cfg_dropout: float = 0.1
+    train_text_encoder: bool = False
+    mesh_shape: tuple[int, ...] = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    data_dir: str = ""
+    output_dir: str = "runs/default"
+
+
+@dataclasses.dataclass(frozen=True)
+class MusicGenConfig:
+    """The whole model: codec, text encoder, decoder LM; `train` only matters to `train.py`."""
+
+    codec: CodecConfig = dataclasses.field(default_factory=CodecConfig)
+    text: T5Config = dataclasses.field(default_factory=T5Config)
+    lm: LMConfig = dataclasses.field(default_factory=LMConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def validate(self) -> "MusicGenConfig":
+        self.codec.validate()
+        self.text.validate()
+        self.lm.validate()
+        if self.codec.n_q != self.lm.num_codebooks:
+            raise ConfigError(
+                f"codec.n_q={self.codec.n_q} differs from lm.num_codebooks={self.lm.num_codebooks}; set both alike")
+        if self.codec.codebook_size != self.lm.card:
+            raise ConfigError(
+                f"codec.codebook_size={self.codec.codebook_size} differs from lm.card={self.lm.card}; set both alike")
+        return self
+
+
+SECTIONS: dict[str, type] = {"codec": CodecConfig, "text": T5Config, "lm": LMConfig, "train": TrainConfig}
+
+
+def _coerce(value: Any, field_type: Any, where: str) -> Any:
+    """Turns a YAML/override value into the field's type (lists into tuples), or raises `ConfigError`."""
+    type_name = field_type if isinstance(field_type, str) else getattr(field_type, "__name__", str(field_type))
+    if type_name.startswith("tuple"):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} expects a list, got {value!r}")
+        inner = int if "int" in type_name else float
+        return tuple(inner(v) for v in value)
+    if type_name == "bool":
+        if isinstance(value, str):
+            lowered = value.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigError(f"{where} expects true/false, got {value!r}")
+            return lowered in ("true", "1", "yes")
+        return bool(value)
+    try:
+        if type_name == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if type_name == "float":
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} expects {type_name}, got {value!r}") from None
+    return str(value)
+
+
+def dataclass_from_dict(cls: type, values: Mapping[str, Any], where: str):
+    """Builds dataclass `cls` from `values`; an unknown key raises `ConfigError` naming it."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{where}.{key}' (known: {', '.join(sorted(fields))})")
+        kwargs[key] = _coerce(value, fields[key].type, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def from_dict(values: Mapping[str, Any]) -> MusicGenConfig:
+    """`{'codec': {...}, 'text': {...}, 'lm': {...}, 'train': {...}}` -> validated `MusicGenConfig`."""
+    sections = {}
+    for name, section in (values or {}).items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown config section '{name}' (known: {', '.join(SECTIONS)})")
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"config section '{name}' must be a mapping, got {type(section).__name__}")
+        sections[name] = dataclass_from_dict(SECTIONS[name], section, name)
+    return MusicGenConfig(**sections).validate()
+
+
+def to_dict(config: Any) -> dict:
+    """Dataclass config -> plain nested dict (tuples as lists), ready for YAML/JSON."""
+    out = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[field.name] = value
+    return out
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """`['lm.dim=512', 'train.mesh_shape=[2,2,2]']` -> nested dict of raw values."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override key {dotted!r} must be section.key (e.g. lm.dim=512)")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return nested
+
+
+def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict:
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    for section, values in extra.items():
+        if isinstance(values, Mapping) and isinstance(out.get(section), Mapping):
+            out[section].update(values)
+        else:
+            out[section] = dict(values) if isinstance(values, Mapping) else values
+    return out
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    """A YAML path, or a bare name looked up in `configs/` (`tiny` -> configs/tiny.yaml)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    candidate = os.path.join(CONFIG_DIR, name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
+    if os.path.isfile(candidate):
+        return candidate
+    raise ConfigError(f"config {name_or_path!r} not found (neither a file nor a name in {CONFIG_DIR})")
+
+
+def load_config(name_or_path: str, overrides: Sequence[str] = ()) -> MusicGenConfig:
+    """Loads a YAML config (path or name in configs/) and applies `section.key=value` overrides."""
+    path = resolve_config_path(name_or_path)
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return from_dict(merge(raw, parse_overrides(overrides)))
+
+
+def save_config(config: MusicGenConfig, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
