@@ -1,0 +1,186 @@
+"""Converted-model checkpoints on disk (the only module that imports orbax).
+
+Layout of a checkpoint directory:
+    mgjax.json     {"format": "mgjax", "version": 1, "kind": "codec" | "musicgen", "source": ...}
+    config.yaml    the model config (`codec` section only for a codec checkpoint)
+    params/        Orbax tree {"codec": ..., ["text": ..., "lm": ...]}
+    tokenizer/     tokenizer files, when the source had them
+Writes go to a temporary sibling directory that is renamed into place, so a failed write leaves nothing behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import yaml
+
+from mgjax import config as config_lib
+
+META_FILE = "mgjax.json"
+CONFIG_FILE = "config.yaml"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1
+KINDS = ("codec", "musicgen")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, foreign, corrupt or does not match its config."""
+
+
+@contextlib.contextmanager
+def atomic_directory(dst_dir: str, overwrite: bool = False) -> Iterator[str]:
+    """Yields a temporary directory beside `dst_dir`; renames it to `dst_dir` only if the block succeeds."""
+    dst_dir = os.path.abspath(dst_dir)
+    if os.path.exists(dst_dir) and os.listdir(dst_dir) and not overwrite:
+        raise CheckpointError(f"output directory {dst_dir} already exists and is not empty; "
+                              f"choose another path or pass overwrite=True (--overwrite)")
+    parent = os.path.dirname(dst_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(dst_dir)}.tmp-", dir=parent)
+    try:
+        yield tmp_dir
+        if os.path.exists(dst_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst_dir)}.old-", dir=parent)
+            os.rename(dst_dir, os.path.join(old, "x"))
+            os.rename(tmp_dir, dst_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp_dir, dst_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def _as_jax_arrays(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x, dtype=np.asarray(x).dtype)), tree)
+
+
+def save(dst_dir: str, kind: str, config_dict: Mapping[str, Any], params: Mapping[str, Any], *,
+         source: str = "", tokenizer_files: Mapping[str, str] | None = None, overwrite: bool = False) -> str:
+    """Writes a checkpoint atomically. `tokenizer_files` maps file names to source paths to copy."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    with atomic_directory(dst_dir, overwrite) as tmp:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            yaml.safe_dump(dict(config_dict), f, sort_keys=False)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(tmp, PARAMS_DIR), _as_jax_arrays(dict(params)))
+        checkpointer.wait_until_finished()
+        if tokenizer_files:
+            os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
+            for name, path in tokenizer_files.items():
+                shutil.copy(path, os.path.join(tmp, TOKENIZER_DIR, name))
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump({"format": "mgjax", "version": FORMAT_VERSION, "kind": kind, "source": source}, f)
+    return os.path.abspath(dst_dir)
+
+
+def read_meta(directory: str) -> dict:
+    """The checkpoint's `mgjax.json`, or a `CheckpointError` saying what the directory is not."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory} does not exist; convert a model first with "
+                              f"`python -m mgjax.convert SRC {directory}`")
+    meta_path = os.path.join(directory, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{directory} is not an mgjax checkpoint (no {META_FILE}); if it is a transformers or "
+                              f"audiocraft checkpoint, convert it first with `python -m mgjax.convert {directory} DST`")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{meta_path} is unreadable or corrupt ({err}); re-run the conversion") from None
+    if meta.get("format") != "mgjax" or meta.get("kind") not in KINDS:
+        raise CheckpointError(f"{meta_path} does not describe an mgjax checkpoint: {meta}")
+    if meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{directory} was written by a newer mgjax (format {meta['version']}); upgrade mgjax")
+    return meta
+
+
+def read_config_dict(directory: str) -> dict:
+    path = os.path.join(directory, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as err:
+        raise CheckpointError(f"cannot read the checkpoint config {path} ({err}); re-run the conversion") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} does not hold a config mapping; re-run the conversion")
+    return raw
+
+
+def _leaves_with_paths(tree: Any) -> dict[str, Any]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+
+
+def check_tree_matches(expected: Any, actual: Any, what: str) -> None:
+    """Raises `CheckpointError` naming the first leaf whose presence or shape differs."""
+    expected_leaves, actual_leaves = _leaves_with_paths(expected), _leaves_with_paths(actual)
+    for name in sorted(set(expected_leaves) | set(actual_leaves)):
+        if name not in actual_leaves:
+            raise CheckpointError(f"{what}: parameter '{name}' required by the config is missing from the checkpoint")
+        if name not in expected_leaves:
+            raise CheckpointError(f"{what}: checkpoint has parameter '{name}' that the config does not define")
+        want, got = tuple(expected_leaves[name].shape), tuple(actual_leaves[name].shape)
+        if want != got:
+            raise CheckpointError(f"{what}: parameter '{name}' has shape {got} in the checkpoint but the config "
+                                  f"implies {want}; the checkpoint and its config.yaml do not match")
+
+
+def restore_params(directory: str, abstract_params: Mapping[str, Any],
+                   sharding: Callable[[Any], Any] | None = None) -> dict:
+    """Restores `params/` after checking it against `abstract_params` (top-level key -> tree of ShapeDtypeStruct).
+
+    Only the top-level keys of `abstract_params` are checked and returned (a codec can be read out of a whole
+    MusicGen checkpoint). `sharding(abstract_leaf) -> jax.sharding.Sharding` places each leaf (default: the first
+    local device), so each host reads only its shards and nothing is materialised whole on one device.
+    """
+    params_dir = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        stored = dict(checkpointer.metadata(params_dir).item_metadata.tree)
+    except Exception as err:  # orbax raises several types for a missing/corrupt directory
+        raise CheckpointError(f"cannot read the parameters in {params_dir} ({type(err).__name__}: {err}); "
+                              f"the checkpoint is incomplete or corrupt, re-run the conversion") from None
+    for key, abstract in abstract_params.items():
+        if key not in stored:
+            raise CheckpointError(f"{directory}: the checkpoint has no '{key}' parameters (it holds "
+                                  f"{', '.join(stored) or 'nothing'})")
+        check_tree_matches(abstract, stored[key], f"{directory} [{key}]")
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def placed(leaf, use_sharding=True):
+        chosen = sharding(leaf) if (sharding and use_sharding) else default
+        return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=chosen)
+
+    target = {key: jax.tree.map(lambda leaf: placed(leaf, False), tree) for key, tree in stored.items()}
+    target.update({key: jax.tree.map(placed, tree) for key, tree in abstract_params.items()})
+    try:
+        restored = checkpointer.restore(params_dir, target)
+    except Exception as err:
+        raise CheckpointError(f"cannot restore the parameters in {params_dir} ({type(err).__name__}: {err}); "
+                              f"the checkpoint is truncated or corrupt, re-run the conversion") from None
+    return {key: restored[key] for key in abstract_params}
+
+
+def load_codec(directory: str):
+    """`(CodecConfig, params)` of a codec checkpoint, or of the codec inside a MusicGen checkpoint."""
+    from mgjax.codec.encodec import init_codec_params
+
+    read_meta(directory)
+    raw = read_config_dict(directory)
+    try:
+        codec_config = config_lib.dataclass_from_dict(config_lib.CodecConfig, raw.get("codec") or {}, "codec")
+        codec_config.validate()
+    except config_lib.ConfigError as err:
+        raise CheckpointError(f"{directory}/{CONFIG_FILE}: {err}") from None
+    abstract = jax.eval_shape(lambda: init_codec_params(codec_config))
+    return codec_config, restore_params(directory, {"codec": abstract})["codec"]
