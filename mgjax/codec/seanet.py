@@ -92,9 +92,7 @@ class ConvTranspose1d(nn.Module):
         kernel = self.param("kernel", _kernel_init(), (self.kernel_size, x_BxTxC.shape[-1], self.features))
         bias = self.param("bias", _bias_init(), (self.features,))
         k = self.kernel_size
-        y = jax.lax.conv_general_dilated(
-            x_BxTxC, kernel.astype(x_BxTxC.dtype), window_strides=(1,), padding=[(k - 1, k - 1)],
-            lhs_dilation=(self.stride,), dimension_numbers=("NWC", "WIO", "NWC"))
+        y = conv_transpose_full(x_BxTxC, kernel.astype(x_BxTxC.dtype), self.stride)
         y = y + bias.astype(y.dtype)
         padding_total = k - self.stride
         if self.config.causal:
@@ -103,6 +101,26 @@ class ConvTranspose1d(nn.Module):
             right = padding_total // 2
         left = padding_total - right
         return y[:, left: y.shape[1] - right]
+
+
+def conv_transpose_full(x_BxTxC: jax.Array, kernel_KxIxO: jax.Array, stride: int) -> jax.Array:
+    """Untrimmed transposed conv, `[B, T, I] -> [B, (T-1)*stride + K, O]` (`kernel` stored flipped in time).
+
+    When K is a multiple of the stride (EnCodec: K = 2 * stride) it is one matmul plus an overlap-add of K/stride
+    shifted blocks, which avoids convolving the stride-dilated input (mostly zeros).
+    """
+    k = kernel_KxIxO.shape[0]
+    if k % stride:
+        return jax.lax.conv_general_dilated(
+            x_BxTxC, kernel_KxIxO, window_strides=(1,), padding=[(k - 1, k - 1)], lhs_dilation=(stride,),
+            dimension_numbers=("NWC", "WIO", "NWC"))
+    batch, frames, _ = x_BxTxC.shape
+    overlap = k // stride
+    taps_BxTxKxO = jnp.einsum("btc,kco->btko", x_BxTxC, kernel_KxIxO[::-1])
+    taps_BxTxMxSxO = taps_BxTxKxO.reshape(batch, frames, overlap, stride, -1)
+    out = sum(jnp.pad(taps_BxTxMxSxO[:, :, i], ((0, 0), (i, overlap - 1 - i), (0, 0), (0, 0)))
+              for i in range(overlap))
+    return out.reshape(batch, (frames + overlap - 1) * stride, -1)
 
 
 class LSTM(nn.Module):
