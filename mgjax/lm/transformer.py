@@ -1,0 +1,210 @@
+"""Decoder layers of the MusicGen LM: positions, attention, feed-forward, the pre-norm layer and its scanned stack.
+
+Shapes: B batch, T query length, S key length (the KV cache length when decoding), D model width, H heads,
+Dh head width, F feed-forward width, L number of layers, Lc condition length.
+
+A layer runs in one of two modes, chosen by whether a self-attention cache slice is passed:
+- teacher-forced: causal attention over its own input, nothing is stored;
+- cached: the new keys/values are written into the cache at `index` (`lax.dynamic_update_slice`) and the queries
+  attend to every cache position `<= index + t`; cross-attention keys/values come precomputed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+from mgjax.config import LMConfig
+
+Array = jax.Array
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+default_init = nn.initializers.normal(stddev=0.02)  # transformers' MusicGen init (initializer_factor)
+
+
+def param_with_axes(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple, init=default_init) -> Array:
+    """A float32 parameter carrying logical axis names (see DESIGN.md for the vocabulary)."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def sinusoidal_positions(positions: Array, dim: int) -> Array:
+    """Positions `[..., T]` (int) -> embeddings `[..., T, dim]` float32.
+
+    As transformers/audiocraft: frequencies `exp(-log(10000) * arange(half) / (half - 1))`, `cat([cos, sin])`
+    (cos first), a zero column appended when `dim` is odd.
+    """
+    half = dim // 2
+    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
+    angles = positions.astype(jnp.float32)[..., None] * freqs
+    emb = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros(emb.shape[:-1] + (1,), emb.dtype)], axis=-1)
+    return emb
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """Multi-head attention core; the one place to swap in a fused kernel.
+
+    q `[B, T, H, Dh]`, k/v `[B, S, H, Dh]`, mask bool broadcastable to `[B, H, T, S]` (True = attend) or None
+    -> `[B, T, H, Dh]` in v's dtype. Scores and softmax run in float32. A row with no allowed key gets uniform
+    weights (as transformers' additive `finfo.min` mask does), which averages the values.
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask, scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+
+
+def causal_mask(length: int) -> Array:
+    """`[1, 1, T, T]` bool, True where key position <= query position."""
+    return jnp.tril(jnp.ones((length, length), bool))[None, None]
+
+
+def cached_causal_mask(index: Array, length: int, cache_length: int) -> Array:
+    """`[1, 1, T, S]` bool for `T` queries at positions `index + t` attending to a cache of `S` positions."""
+    query_pos = index + jnp.arange(length)
+    return (jnp.arange(cache_length)[None, :] <= query_pos[:, None])[None, None]
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with scale and bias (torch `nn.LayerNorm`), statistics in float32."""
+
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dim = x.shape[-1]
+        scale = param_with_axes(self, "scale", (dim,), ("embed",), nn.initializers.ones)
+        bias = param_with_axes(self, "bias", (dim,), ("embed",), nn.initializers.zeros)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Bias-free multi-head projections; the attention core itself is `dot_product_attention`.
+
+    Params: q_proj/k_proj/v_proj `[D, H, Dh]`, out_proj `[H, Dh, D]`.
+    """
+
+    config: LMConfig
+
+    def setup(self):
+        c = self.config
+        in_axes, out_axes = ("embed", "heads", "kv"), ("heads", "kv", "embed")
+        self.q_proj = param_with_axes(self, "q_proj", (c.dim, c.num_heads, c.head_dim), in_axes)
+        self.k_proj = param_with_axes(self, "k_proj", (c.dim, c.num_heads, c.head_dim), in_axes)
+        self.v_proj = param_with_axes(self, "v_proj", (c.dim, c.num_heads, c.head_dim), in_axes)
+        self.out_proj = param_with_axes(self, "out_proj", (c.num_heads, c.head_dim, c.dim), out_axes)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.config.compute_dtype)
+
+    def query(self, x: Array) -> Array:
+        """`[B, T, D]` -> `[B, T, H, Dh]`."""
+        return jnp.einsum("btd,dhk->bthk", x.astype(self.dtype), self.q_proj.astype(self.dtype))
+
+    def key_value(self, x: Array) -> tuple[Array, Array]:
+        """`[B, S, D]` -> keys, values `[B, S, H, Dh]`."""
+        x = x.astype(self.dtype)
+        k = jnp.einsum("bsd,dhk->bshk", x, self.k_proj.astype(self.dtype))
+        v = jnp.einsum("bsd,dhk->bshk", x, self.v_proj.astype(self.dtype))
+        return k, v
+
+    def output(self, o: Array) -> Array:
+        """`[B, T, H, Dh]` -> `[B, T, D]`."""
+        return jnp.einsum("bthk,hkd->btd", o.astype(self.dtype), self.out_proj.astype(self.dtype))
+
+
+class FeedForward(nn.Module):
+    """fc1 `[D, F]` -> exact (erf) GELU -> fc2 `[F, D]`, no biases."""
+
+    config: LMConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        dtype = jnp.dtype(c.compute_dtype)
+        fc1 = param_with_axes(self, "fc1", (c.dim, c.ffn_dim), ("embed", "mlp"))
+        fc2 = param_with_axes(self, "fc2", (c.ffn_dim, c.dim), ("mlp", "embed"))
+        h = jax.nn.gelu(jnp.einsum("btd,df->btf", x.astype(dtype), fc1.astype(dtype)), approximate=False)
+        return jnp.einsum("btf,fd->btd", h, fc2.astype(dtype))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm layer: x + SelfAttn(LN(x)), [x + CrossAttn(LN(x), cond)], x + FFN(LN(x))."""
+
+    config: LMConfig
+
+    def setup(self):
+        c = self.config
+        dtype = jnp.dtype(c.compute_dtype)
+        self.self_attn_norm = LayerNorm(c.layer_norm_eps, dtype)
+        self.self_attn = Attention(c)
+        if c.conditioning == "cross":
+            self.cross_attn_norm = LayerNorm(c.layer_norm_eps, dtype)
+            self.cross_attn = Attention(c)
+        self.ffn_norm = LayerNorm(c.layer_norm_eps, dtype)
+        self.ffn = FeedForward(c)
+
+    def __call__(self, x: Array, cond: Array | None, cond_mask: Array | None, cross_kv: dict | None,
+                 cache: dict | None, index: Array | None) -> tuple[Array, dict | None]:
+        """One layer.
+
+        x `[B, T, D]`; cond `[B, Lc, D]` projected condition states (teacher-forced cross mode) or None;
+        cond_mask `[B, Lc]` bool or None; cross_kv `{'k','v': [B, Lc, H, Dh]}` precomputed (cached mode) or None;
+        cache `{'k','v': [B, S, H, Dh]}` or None (teacher-forced); index int32 scalar: cache position of x[:, 0].
+        Returns (x `[B, T, D]`, updated cache or None).
+        """
+        h = self.self_attn_norm(x)
+        q = self.self_attn.query(h)
+        k, v = self.self_attn.key_value(h)
+        if cache is None:
+            mask, new_cache = causal_mask(x.shape[1]), None
+        else:
+            k = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+            v = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+            mask, new_cache = cached_causal_mask(index, x.shape[1], k.shape[1]), {"k": k, "v": v}
+        x = x + self.self_attn.output(dot_product_attention(q, k, v, mask))
+
+        if self.config.conditioning == "cross" and (cond is not None or cross_kv is not None):
+            h = self.cross_attn_norm(x)
+            q = self.cross_attn.query(h)
+            ck, cv = self.cross_attn.key_value(cond) if cross_kv is None else (cross_kv["k"], cross_kv["v"])
+            mask = None if cond_mask is None else cond_mask[:, None, None, :]
+            x = x + self.cross_attn.output(dot_product_attention(q, ck, cv, mask))
+
+        x = x + self.ffn(self.ffn_norm(x))
+        return x, new_cache
+
+    def cross_key_value(self, cond: Array) -> tuple[Array, dict]:
+        """cond `[B, Lc, D]` -> (cond unchanged: the scan carry, `{'k','v': [B, Lc, H, Dh]}`)."""
+        k, v = self.cross_attn.key_value(cond)
+        return cond, {"k": k, "v": v}
+
+
+def scanned_layers(config: LMConfig, name: str = "layers") -> nn.Module:
+    """The `config.num_layers` decoder layers as one `nn.scan` (params stacked on a leading 'layers' axis).
+
+    Scanned methods: `__call__(x, cond, cond_mask, cross_kv, cache, index)` with cross_kv and cache sliced per
+    layer (`[L, ...]` in, `[L, ...]` cache out), and `cross_key_value(cond)` -> (cond, `{'k','v': [L, B, Lc, H, Dh]}`).
+    """
+    layer = DecoderLayer
+    if config.remat:
+        layer = nn.remat(layer, prevent_cse=False)
+    common = dict(variable_axes={"params": 0}, split_rngs={"params": True}, length=config.num_layers,
+                  metadata_params={nn.PARTITION_NAME: "layers"})
+    methods = {
+        "__call__": dict(common, in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast)),
+        "cross_key_value": dict(common, in_axes=()),
+    }
+    return nn.scan(layer, methods=methods)(config, name=name)

@@ -1,0 +1,239 @@
+"""MusicGen decoder LM: teacher-forced parity with transformers (random weights), cached decoding, converter."""
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from mgjax.config import ConfigError, LMConfig
+from mgjax.convert.hf_lm import lm_config_from_hf, lm_params_from_hf
+from mgjax.lm.model import MusicGenLM
+from mgjax.lm.transformer import sinusoidal_positions
+
+torch.set_num_threads(1)
+TOL = 1e-4
+
+TEXT = dict(vocab_size=50, d_model=20, d_kv=6, num_heads=3, d_ff=24, num_layers=1, dropout_rate=0.0)
+# Decoder shapes vary in depth, width, heads, codebooks and card (odd included).
+DECODERS = {
+    "d32_l2_h4_k4": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48, num_codebooks=4,
+                         vocab_size=24),
+    "d36_l3_h3_k2": dict(hidden_size=36, num_hidden_layers=3, num_attention_heads=3, ffn_dim=40, num_codebooks=2,
+                         vocab_size=17),
+}
+
+
+def _randomise(model: torch.nn.Module) -> None:
+    """Every parameter random, norms included (they start at ones/zeros: a skipped norm would pass unseen)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif p.ndim == 2 and "embed" not in name and "shared" not in name:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+            else:
+                p.normal_(0.0, 0.5)
+
+
+def _decoder_config(cls, dec: dict):
+    card = dec["vocab_size"]
+    return cls(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, max_position_embeddings=64,
+               pad_token_id=card, bos_token_id=card, **dec)
+
+
+def _oracle(dec: dict, melody: bool = False, **top):
+    torch.manual_seed(0)
+    text = transformers.T5Config(**TEXT)
+    audio = transformers.EncodecConfig(num_filters=4, upsampling_ratios=[4, 2], codebook_size=16,
+                                       hidden_size=8, num_lstm_layers=1, target_bandwidths=[1.0])
+    if melody:
+        config = transformers.MusicgenMelodyConfig(
+            text_encoder=text, audio_encoder=audio,
+            decoder=_decoder_config(transformers.MusicgenMelodyDecoderConfig, dec), **top)
+        model = transformers.MusicgenMelodyForConditionalGeneration(config)
+    else:
+        config = transformers.MusicgenConfig(
+            text_encoder=text, audio_encoder=audio, decoder=_decoder_config(transformers.MusicgenDecoderConfig, dec))
+        model = transformers.MusicgenForConditionalGeneration(config)
+    model.eval()
+    _randomise(model)
+    return model
+
+
+def _inputs(card: int, num_codebooks: int, seq: int, text_len: int = 7, seed: int = 1):
+    """Codes `[2, K, S]` with the special token in column 0 and sprinkled elsewhere; text ids with row 1 padded."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, card, size=(2, num_codebooks, seq))
+    codes = np.where(rng.random(codes.shape) < 0.15, card, codes)
+    codes[:, :, 0] = card
+    ids = rng.integers(1, TEXT["vocab_size"], size=(2, text_len))
+    mask = np.ones((2, text_len), np.int64)
+    mask[1, text_len - 3:] = 0
+    return codes.astype(np.int64), np.where(mask, ids, 0), mask
+
+
+def _ours(model: torch.nn.Module, melody: bool = False):
+    cfg = lm_config_from_hf(model.config.to_dict())
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return cfg, lm_params_from_hf(state, cfg)
+
+
+def _text_states(model, ids, mask) -> np.ndarray:
+    with torch.no_grad():
+        return model.text_encoder(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+
+
+@pytest.mark.parametrize("name", sorted(DECODERS))
+def test_cross_parity_with_transformers(name):
+    dec = DECODERS[name]
+    model = _oracle(dec)
+    K, card = dec["num_codebooks"], dec["vocab_size"]
+    codes, ids, mask = _inputs(card, K, seq=11)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    decoder_input_ids=torch.tensor(codes.reshape(2 * K, -1))).logits.numpy()
+    ref = ref.reshape(2, K, codes.shape[-1], card)
+
+    cfg, params = _ours(model)
+    assert cfg.num_codebooks == K and cfg.card == card and cfg.conditioning == "cross"
+    cond = _text_states(model, ids, mask)
+    logits = MusicGenLM(cfg).apply({"params": params}, jnp.asarray(codes, jnp.int32), jnp.asarray(cond),
+                                   jnp.asarray(mask))
+    assert logits.shape == (2, K, codes.shape[-1], card) and logits.dtype == jnp.float32
+    err = float(np.abs(np.asarray(logits) - ref).max())
+    print(f"{name}: max abs err {err:.2e}")
+    assert err <= TOL
+
+
+@pytest.mark.parametrize("chroma_frames", [None, 3])
+def test_melody_prepend_parity_with_transformers(chroma_frames):
+    dec = DECODERS["d32_l2_h4_k4"]
+    model = _oracle(dec, melody=True, num_chroma=12, chroma_length=8)
+    K, card = dec["num_codebooks"], dec["vocab_size"]
+    codes, ids, mask = _inputs(card, K, seq=9, text_len=6)
+    chroma = None
+    if chroma_frames:
+        chroma = np.eye(12, dtype=np.float32)[np.random.default_rng(3).integers(0, 12, (2, chroma_frames))]
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    input_features=None if chroma is None else torch.tensor(chroma),
+                    decoder_input_ids=torch.tensor(codes.reshape(2 * K, -1))).logits.numpy()
+    prefix = 8 + ids.shape[1]
+    assert ref.shape[1] == prefix + codes.shape[-1]
+    ref = ref[:, prefix:].reshape(2, K, codes.shape[-1], card)
+
+    cfg, params = _ours(model, melody=True)
+    assert cfg.conditioning == "prepend" and cfg.chroma_length == 8 and cfg.num_chroma == 12
+    cond = _text_states(model, ids, mask)
+    logits = MusicGenLM(cfg).apply({"params": params}, jnp.asarray(codes, jnp.int32), jnp.asarray(cond),
+                                   jnp.asarray(mask), chroma=None if chroma is None else jnp.asarray(chroma))
+    err = float(np.abs(np.asarray(logits) - ref).max())
+    print(f"melody chroma={chroma_frames}: max abs err {err:.2e}")
+    assert err <= TOL
+
+
+def _random_lm(conditioning: str, remat: bool = False):
+    cfg = LMConfig(dim=32, num_layers=2, num_heads=4, ffn_dim=48, num_codebooks=3, card=20,
+                   conditioning=conditioning, chroma_length=5, remat=remat)
+    model = MusicGenLM(cfg)
+    codes, _, mask = _inputs(cfg.card, cfg.num_codebooks, seq=9, text_len=6)
+    cond = np.random.default_rng(2).normal(size=(2, 6, 24)).astype(np.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.asarray(codes, jnp.int32),
+                                                  jnp.asarray(cond), jnp.asarray(mask)))
+    # random numpy params of the init's shapes (eager init compiles one op per shape: slow); norms not at 1/0
+    rng = np.random.default_rng(4)
+    params = jax.tree.map(lambda x: (rng.normal(size=x.shape) * x.shape[-1] ** -0.5).astype(np.float32),
+                          flax.linen.meta.unbox(variables["params"]))
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 1.0 if jax.tree_util.keystr(p).endswith("['scale']") else x, params)
+    return model, params, jnp.asarray(codes, jnp.int32), jnp.asarray(cond), jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("conditioning", ["cross", "prepend"])
+def test_cached_decoding_matches_teacher_forcing(conditioning):
+    model, params, codes, cond, mask = _random_lm(conditioning)
+    full = model.apply({"params": params}, codes, cond, mask)
+    seq = codes.shape[-1]
+    cache = model.apply({"params": params}, cond, mask, max_length=seq, method=MusicGenLM.prefill)
+    step = jax.jit(lambda c, x: model.apply({"params": params}, x, c, method=MusicGenLM.decode_step))
+    # a 3-column prompt in one call, then one column per step
+    logits, cache = step(cache, codes[:, :, :3])
+    outs = [logits]
+    for t in range(3, seq):
+        logits, cache = step(cache, codes[:, :, t:t + 1])
+        outs.append(logits)
+    err = float(jnp.abs(jnp.concatenate(outs, axis=2) - full).max())
+    print(f"cached {conditioning}: max abs err {err:.2e}")
+    assert err <= 1e-5
+    assert int(cache["index"]) == seq + (0 if conditioning == "cross" else 5 + cond.shape[1])
+
+
+def test_null_condition_and_remat():
+    model, params, codes, cond, mask = _random_lm("cross")
+    remat_model = MusicGenLM(model.config.__class__(**{**model.config.__dict__, "remat": True}))
+    a = model.apply({"params": params}, codes, cond, mask)
+    b = remat_model.apply({"params": params}, codes, cond, mask)
+    assert float(jnp.abs(a - b).max()) <= 1e-6
+    # CFG's null condition (zero states, zero mask) gives finite logits equal to zero cross-attention output
+    null = model.apply({"params": params}, codes, jnp.zeros_like(cond), jnp.zeros_like(mask))
+    assert bool(jnp.isfinite(null).all())
+    zeroed = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.zeros_like(x) if "cross_attn" in jax.tree_util.keystr(p) and "out_proj" in
+        jax.tree_util.keystr(p) else x, params)
+    no_cross = model.apply({"params": zeroed}, codes, cond, mask)
+    assert float(jnp.abs(null - no_cross).max()) <= 1e-5
+
+
+def test_bfloat16_compute_runs():
+    model, params, codes, cond, mask = _random_lm("cross")
+    bf16 = MusicGenLM(model.config.__class__(**{**model.config.__dict__, "compute_dtype": "bfloat16"}))
+    out = bf16.apply({"params": params}, codes, cond, mask)
+    ref = model.apply({"params": params}, codes, cond, mask)
+    assert out.dtype == jnp.float32
+    assert float(jnp.abs(out - ref).max()) < 0.1 * float(jnp.abs(ref).max())
+
+
+def test_sinusoidal_positions_match_transformers():
+    from transformers.models.musicgen.modeling_musicgen import MusicgenSinusoidalPositionalEmbedding
+    for dim in (32, 7):
+        ref = MusicgenSinusoidalPositionalEmbedding.get_embedding(40, dim).numpy()
+        ours = np.asarray(sinusoidal_positions(jnp.arange(40), dim))
+        np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_converted_tree_matches_init_and_errors_name_keys():
+    dec = DECODERS["d36_l3_h3_k2"]
+    model = _oracle(dec)
+    cfg, params = _ours(model)
+    variables = jax.eval_shape(lambda: MusicGenLM(cfg).init(
+        jax.random.key(0), jnp.zeros((1, cfg.num_codebooks, 4), jnp.int32), jnp.zeros((1, 3, TEXT["d_model"])),
+        jnp.ones((1, 3), jnp.int32)))
+    expected = flax.linen.meta.unbox(variables["params"])
+    assert jax.tree.structure(expected) == jax.tree.structure(params)
+    assert jax.tree.map(lambda x: x.shape, expected) == jax.tree.map(lambda x: x.shape, params)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
+
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    missing = "decoder.model.decoder.layers.1.encoder_attn.k_proj.weight"
+    with pytest.raises(KeyError, match=missing.replace(".", r"\.")):
+        lm_params_from_hf({k: v for k, v in state.items() if k != missing}, cfg)
+    with pytest.raises(KeyError, match="enc_to_dec_proj.weight"):
+        lm_params_from_hf({k: v for k, v in state.items() if not k.startswith("enc_to_dec")}, cfg)
+
+
+def test_config_from_hf_dict():
+    full = {"model_type": "musicgen", "decoder": {"hidden_size": 1024, "num_hidden_layers": 24,
+                                                  "num_attention_heads": 16, "ffn_dim": 4096, "vocab_size": 2048,
+                                                  "num_codebooks": 8, "audio_channels": 2}}
+    cfg = lm_config_from_hf(full)
+    assert (cfg.dim, cfg.num_layers, cfg.num_heads, cfg.ffn_dim, cfg.card) == (1024, 24, 16, 4096, 2048)
+    assert cfg.pattern_delays == (0, 0, 1, 1, 2, 2, 3, 3) and cfg.conditioning == "cross"
+    melody = lm_config_from_hf({"model_type": "musicgen_melody", "num_chroma": 12, "chroma_length": 235,
+                                "decoder": full["decoder"] | {"num_codebooks": 4, "audio_channels": 1}})
+    assert melody.conditioning == "prepend" and melody.chroma_length == 235 and melody.pattern_delays == ()
+    with pytest.raises(ConfigError, match="activation_function"):
+        lm_config_from_hf({"decoder": {"activation_function": "relu"}})
