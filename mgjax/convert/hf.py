@@ -1,0 +1,39 @@
+"""transformers `MusicgenForConditionalGeneration` / `MusicgenMelodyForConditionalGeneration` -> mgjax params."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from mgjax.config import ConfigError, MusicGenConfig
+from mgjax.convert.encodec_weights import codec_config_from_hf, codec_params
+from mgjax.convert.hf_lm import lm_config_from_hf, lm_params_from_hf
+from mgjax.convert.hf_t5 import t5_config_from_hf, t5_params_from_hf
+from mgjax.convert.io import ConversionError
+
+
+def musicgen_config_from_hf(config: Mapping[str, Any]) -> MusicGenConfig:
+    """A transformers MusicGen(-melody) config.json dict -> validated `MusicGenConfig`."""
+    for part in ("text_encoder", "audio_encoder", "decoder"):
+        if not isinstance(config.get(part), Mapping):
+            raise ConversionError(f"the MusicGen config.json has no '{part}' sub-config; the checkpoint is incomplete")
+    try:
+        return MusicGenConfig(codec=codec_config_from_hf(config["audio_encoder"]),
+                              text=t5_config_from_hf(config["text_encoder"]),
+                              lm=lm_config_from_hf(config)).validate()
+    except ConfigError as err:
+        raise ConversionError(f"unsupported MusicGen config: {err}") from None
+
+
+def convert_musicgen(config: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> tuple[MusicGenConfig, dict]:
+    """`(MusicGenConfig, {'codec': ..., 'text': ..., 'lm': ...})` from a full transformers MusicGen state dict."""
+    model_config = musicgen_config_from_hf(config)
+    try:
+        params = {"codec": codec_params(state, model_config.codec, prefix="audio_encoder."),
+                  "text": t5_params_from_hf(state, model_config.text, prefix="text_encoder."),
+                  "lm": lm_params_from_hf(state, model_config.lm)}
+    except ConversionError:
+        raise
+    except (KeyError, ValueError) as err:
+        raise ConversionError(f"the checkpoint does not match its config.json: {err}") from None
+    return model_config, params

@@ -1,0 +1,206 @@
+"""Generation: one compiled function (prefill + a `lax.scan` over the pattern steps with an explicit KV cache).
+
+Per step: embed the current column, decode one position, apply classifier-free guidance to the raw logits
+(`uncond + (cond - uncond) * coef`, conditional and null conditions batched together), sample each codebook (greedy,
+or temperature with top-p / top-k as audiocraft does), and write only the positions the pattern makes valid and no
+prompt fixed. The pattern's index maps are numpy constants at trace time, so any pattern in `patterns.py` works.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mgjax.config import LMConfig
+from mgjax.lm.model import MusicGenLM
+from mgjax.lm.patterns import Pattern, pattern_from_config
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are picked. `top_p > 0` takes precedence over `top_k` (audiocraft's rule); `top_k <= 0` disables
+    it. `cfg_coef == 1` turns guidance off (no null-condition batch)."""
+
+    top_k: int = 250
+    top_p: float = 0.0
+    temperature: float = 1.0
+    cfg_coef: float = 3.0
+    greedy: bool = False
+
+    def validate(self) -> "SamplingConfig":
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (got {self.temperature}); use greedy=True for argmax decoding")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in [0, 1], got {self.top_p}")
+        if self.cfg_coef < 0:
+            raise ValueError(f"cfg_coef must be >= 0, got {self.cfg_coef}")
+        return self
+
+
+def classifier_free_guidance(logits_2BxKxC: Array, coef: Array | float) -> Array:
+    """`[2B, ...]` (conditional half first, then the null condition) -> `[B, ...]` guided logits."""
+    cond, uncond = jnp.split(logits_2BxKxC, 2, axis=0)
+    return uncond + (cond - uncond) * coef
+
+
+def top_k_filter(logits: Array, k: int) -> Array:
+    """Keeps the logits >= the k-th largest (ties kept), the rest -> -inf. `[..., card]`."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth_largest = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits >= kth_largest, logits, -jnp.inf)
+
+
+def top_p_filter(logits: Array, p: Array | float) -> Array:
+    """Keeps the smallest set of most probable tokens whose mass reaches p (ties at the edge kept). `[..., card]`."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    sorted_probs = -jnp.sort(-probs, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    kept = jnp.maximum(jnp.sum(mass_before <= p, axis=-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(sorted_probs, kept - 1, axis=-1)
+    return jnp.where(probs >= threshold, logits, -jnp.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoopShape:
+    """What of the sampling settings changes the compiled program (static); the rest is traced."""
+
+    greedy: bool
+    top_k: int
+    use_top_p: bool
+    use_cfg: bool
+
+    @classmethod
+    def of(cls, sampling: SamplingConfig) -> "_LoopShape":
+        return cls(sampling.greedy, 0 if sampling.greedy else sampling.top_k,
+                   (not sampling.greedy) and sampling.top_p > 0, sampling.cfg_coef != 1.0)
+
+
+def sample_tokens(logits: Array, key: Array, shape: _LoopShape, temperature: Array | float,
+                  top_p: Array | float) -> Array:
+    """`[B, K, card]` float32 logits -> `[B, K]` int32 tokens."""
+    if shape.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / temperature
+    if shape.use_top_p:
+        scaled = top_p_filter(scaled, top_p)
+    else:
+        scaled = top_k_filter(scaled, shape.top_k)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+# --- progress reporting from inside the compiled loop -------------------------------------------------------------
+# A module-level slot, not a thread-local: XLA runs host callbacks on its own threads.
+_progress: dict[str, Optional[Callable[[int, int], None]]] = {"callback": None}
+
+
+def _report_progress(step, total) -> None:
+    callback = _progress["callback"]
+    if callback is not None:
+        callback(int(step), int(total))
+
+
+class progress_callback:
+    """Context manager: `with progress_callback(fn): generate(...)` calls `fn(step, total)` every few steps."""
+
+    def __init__(self, callback: Optional[Callable[[int, int], None]]):
+        self.callback = callback
+
+    def __enter__(self):
+        self.previous = _progress["callback"]
+        _progress["callback"] = self.callback
+
+    def __exit__(self, *exc):
+        _progress["callback"] = self.previous
+
+
+# --- the compiled generation -------------------------------------------------------------------------------------
+def write_masks(pattern: Pattern, frames: int, prompt_frames: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """`(writable [K, S], prompt_fixed [K, S], first step needing a new token)` for a generation of `frames`."""
+    step_map = pattern.step_map(frames)
+    writable = step_map >= prompt_frames
+    prompt_fixed = (step_map >= 0) & (step_map < prompt_frames)
+    steps_with_new = np.nonzero(writable.any(axis=0))[0]
+    start = int(steps_with_new[0]) if len(steps_with_new) else step_map.shape[1]
+    return writable, prompt_fixed, start
+
+
+def _with_null_condition(x: Optional[Array]) -> Optional[Array]:
+    return None if x is None else jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
+
+
+def generate_codes(lm_params, cond: Array, cond_mask: Array, key: Array, prompt_codes: Array, *,
+                   lm_config: LMConfig, frames: int, sampling: SamplingConfig, chroma: Optional[Array] = None,
+                   progress_every: int = 0) -> Array:
+    """Generates `[B, K, frames]` int32 codes with one compiled program.
+
+    cond `[B, L, Dc]` text states, cond_mask `[B, L]`, prompt_codes `[B, K, Tp]` (Tp may be 0) kept as given,
+    chroma `[B, F, 12]` for melody models, key a `jax.random` key. Temperature, top-p and the CFG coefficient are
+    traced, so changing them does not recompile; greedy, top-k and guidance on/off do.
+    """
+    sampling.validate()
+    if not 0 <= prompt_codes.shape[-1] <= frames:
+        raise ValueError(f"the audio prompt has {prompt_codes.shape[-1]} frames, more than the {frames} to generate")
+    return _generate_codes(lm_params, cond, cond_mask, key, jnp.asarray(prompt_codes, jnp.int32), chroma,
+                           jnp.float32(sampling.cfg_coef), jnp.float32(sampling.temperature),
+                           jnp.float32(sampling.top_p), lm_config=lm_config, frames=frames,
+                           shape=_LoopShape.of(sampling), progress_every=progress_every)
+
+
+@functools.partial(jax.jit, static_argnames=("lm_config", "frames", "shape", "progress_every"))
+def _generate_codes(lm_params, cond, cond_mask, key, prompt_codes, chroma, cfg_coef, temperature, top_p, *,
+                    lm_config: LMConfig, frames: int, shape: _LoopShape, progress_every: int) -> Array:
+    pattern = pattern_from_config(lm_config)
+    batch, num_codebooks, prompt_frames = prompt_codes.shape
+    special = lm_config.card
+    writable, prompt_fixed, start = write_masks(pattern, frames, prompt_frames)
+    num_steps = writable.shape[1]
+    use_cfg = shape.use_cfg
+    lm = MusicGenLM(lm_config)
+    variables = {"params": lm_params}
+
+    if use_cfg:
+        cond, cond_mask, chroma = _with_null_condition(cond), _with_null_condition(cond_mask), \
+            _with_null_condition(chroma)
+    cache = lm.apply(variables, cond, cond_mask, chroma=chroma, max_length=num_steps, method=MusicGenLM.prefill)
+
+    padded_prompt = jnp.concatenate(
+        [prompt_codes.astype(jnp.int32),
+         jnp.zeros((batch, num_codebooks, frames - prompt_frames), jnp.int32)], axis=-1)
+    seq = jnp.where(jnp.asarray(prompt_fixed)[None], pattern.build(padded_prompt, special), special)
+    seq = seq.astype(jnp.int32)
+
+    def duplicate(x):
+        return jnp.concatenate([x, x], axis=0) if use_cfg else x
+
+    if start > 1:  # feed the prompt's columns in one chunk
+        _, cache = lm.apply(variables, duplicate(seq[:, :, : start - 1]), cache, method=MusicGenLM.decode_step)
+
+    writable_KxS = jnp.asarray(writable)
+
+    def step(carry, s):
+        seq, cache = carry
+        column = jax.lax.dynamic_slice_in_dim(seq, s - 1, 1, axis=2)
+        logits, cache = lm.apply(variables, duplicate(column), cache, method=MusicGenLM.decode_step)
+        logits = logits[:, :, 0]
+        if use_cfg:
+            logits = classifier_free_guidance(logits, cfg_coef)
+        tokens = sample_tokens(logits, jax.random.fold_in(key, s), shape, temperature, top_p)
+        current = jax.lax.dynamic_slice_in_dim(seq, s, 1, axis=2)[:, :, 0]
+        new = jnp.where(jax.lax.dynamic_slice_in_dim(writable_KxS, s, 1, axis=1)[:, 0][None], tokens, current)
+        seq = jax.lax.dynamic_update_slice_in_dim(seq, new[:, :, None], s, axis=2)
+        if progress_every:
+            jax.lax.cond((s - start + 1) % progress_every == 0,
+                         lambda: jax.debug.callback(_report_progress, s - start + 1, num_steps - start),
+                         lambda: None)
+        return (seq, cache), None
+
+    (seq, _), _ = jax.lax.scan(step, (seq, cache), jnp.arange(start, num_steps))
+    codes, _ = pattern.revert(seq, special, timesteps=frames)
+    return codes.astype(jnp.int32)

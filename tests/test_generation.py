@@ -1,0 +1,173 @@
+"""Generation: greedy CFG parity with transformers `generate`, sampling filters, a single compiled loop."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the PyTorch oracle needs torch (pip install -e .[test])")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import mgjax  # noqa: E402
+from mgjax import sampling  # noqa: E402
+from oracle import musicgen, reference_generate  # noqa: E402
+from helpers_tokenizer import build_test_tokenizer  # noqa: E402
+
+torch.set_num_threads(1)
+
+DECODERS = {
+    "d32_l2_h4_k4_card32": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48,
+                                num_codebooks=4, vocab_size=32),
+    "d24_l3_h2_k2_card16": dict(hidden_size=24, num_hidden_layers=3, num_attention_heads=2, ffn_dim=40,
+                                num_codebooks=2, vocab_size=16),
+}
+PROMPTS = ["happy rock with electric guitar and drums", "calm piano"]  # different lengths: row 1 is padded
+
+
+@pytest.fixture(scope="module", params=sorted(DECODERS))
+def pair(request, tmp_path_factory):
+    model = musicgen(DECODERS[request.param], seed=3)
+    src = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(src)
+    tokenizer_dir = build_test_tokenizer(str(src))
+    dst = tmp_path_factory.mktemp("mg") / "ckpt"
+    mgjax.convert_checkpoint(str(src), str(dst))
+    from transformers import AutoTokenizer
+    return model, AutoTokenizer.from_pretrained(tokenizer_dir), mgjax.MusicGen.load(str(dst))
+
+
+# transformers only applies its delay mask when max_length >= 2K - 1, i.e. frames >= K - 1: shorter generations
+# are not a valid reference there (ours handle them; see test_short_generations).
+@pytest.mark.parametrize("frames", [3, 8, 17])
+def test_greedy_cfg_matches_transformers(pair, frames):
+    model, tokenizer, mg = pair
+    encoded = tokenizer(PROMPTS, padding="longest", return_tensors="np")
+    assert encoded["attention_mask"].min() == 0, "the test needs padded text"
+    ref_audio, ref_codes = reference_generate(model, encoded["input_ids"], encoded["attention_mask"], frames,
+                                              do_sample=False, guidance_scale=3.0)
+    out = mg.generate(PROMPTS, duration=frames / mg.frame_rate, greedy=True, cfg_coef=3.0)
+    assert out.codes.shape == ref_codes.shape == (2, mg.config.lm.num_codebooks, frames)
+    np.testing.assert_array_equal(out.codes, ref_codes)
+    assert out.wav.shape == ref_audio.shape
+    assert np.abs(out.wav - ref_audio).max() <= 1e-3
+
+
+def test_short_generations(pair):
+    _, _, mg = pair
+    out = mg.generate(PROMPTS, duration=1 / mg.frame_rate, greedy=True)
+    assert out.codes.shape == (2, mg.config.lm.num_codebooks, 1)
+    assert out.wav.shape == (2, 1, mg.config.codec.hop_length)
+
+
+def test_token_ids_and_strings_agree(pair):
+    _, tokenizer, mg = pair
+    encoded = tokenizer(PROMPTS, padding="longest", return_tensors="np")
+    by_text = mg.generate(PROMPTS, duration=0.1, seed=5)
+    by_ids = mg.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], duration=0.1,
+                         seed=5)
+    np.testing.assert_array_equal(by_text.codes, by_ids.codes)
+
+
+def test_same_seed_same_output_and_seed_matters(pair):
+    _, _, mg = pair
+    a = mg.generate(PROMPTS, duration=0.2, seed=1, top_k=0)
+    b = mg.generate(PROMPTS, duration=0.2, seed=1, top_k=0)
+    c = mg.generate(PROMPTS, duration=0.2, seed=2, top_k=0)
+    np.testing.assert_array_equal(a.codes, b.codes)
+    assert not np.array_equal(a.codes, c.codes)
+
+
+def test_top_k_one_equals_greedy(pair):
+    _, _, mg = pair
+    greedy = mg.generate(PROMPTS, duration=0.2, greedy=True)
+    top1 = mg.generate(PROMPTS, duration=0.2, top_k=1, temperature=0.7, seed=9)
+    np.testing.assert_array_equal(greedy.codes, top1.codes)
+
+
+def test_audio_prompt_is_kept_and_continued(pair):
+    _, _, mg = pair
+    first = mg.generate(PROMPTS, duration=0.3, greedy=True)
+    prompt_wav = first.wav[:, :, : int(0.1 * mg.sample_rate)]
+    prompt_codes = np.asarray(mg.encode(prompt_wav))
+    continued = mg.generate(PROMPTS, duration=0.3, greedy=True, prompt_audio=prompt_wav)
+    frames = prompt_codes.shape[-1]
+    np.testing.assert_array_equal(continued.codes[:, :, :frames], prompt_codes)
+    assert continued.codes.shape == first.codes.shape
+
+
+def test_no_recompilation_and_one_compiled_loop(pair):
+    _, _, mg = pair
+    mg.generate(PROMPTS, duration=0.24, seed=0)
+    before = sampling._generate_codes._cache_size()
+    mg.generate(PROMPTS, duration=0.24, seed=1, temperature=0.5, cfg_coef=2.0)  # traced settings: no retrace
+    assert sampling._generate_codes._cache_size() == before
+
+    ids, mask = mg.tokenize(PROMPTS)
+    cond = mg.encode_text(ids, mask)
+    frames = 12
+    jaxpr = jax.make_jaxpr(lambda c: sampling._generate_codes(
+        mg.params["lm"], c, jnp.asarray(mask), jax.random.key(0), jnp.zeros((2, mg.config.lm.num_codebooks, 0),
+                                                                           jnp.int32),
+        None, 3.0, 1.0, 0.0, lm_config=mg.config.lm, frames=frames,
+        shape=sampling._LoopShape.of(sampling.SamplingConfig()), progress_every=0))(cond)
+    text = str(jaxpr)
+    steps = frames + mg.config.lm.num_codebooks - 1  # delay pattern: S - 1 decoding steps
+    assert text.count(f"length={steps}") >= 1, "the decoding steps must run inside one scan of fixed length"
+
+
+def test_progress_callback_reports_steps(pair):
+    _, _, mg = pair
+    seen = []
+    mg.generate(PROMPTS, duration=0.2, progress=lambda step, total: seen.append((step, total)), progress_every=2)
+    total = 10 + mg.config.lm.num_codebooks - 1
+    assert seen and all(t == total for _, t in seen) and seen[-1][0] <= total
+    assert [s for s, _ in seen] == list(range(2, total + 1, 2))
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 5])
+def test_top_k_support_and_frequencies(top_k):
+    logits = jnp.array([2.0, 1.5, 1.5, 0.3, -1.0, 0.9, -3.0, 0.0])
+    kept = np.asarray(sampling.top_k_filter(logits, top_k))
+    order = np.argsort(-np.asarray(logits), kind="stable")
+    threshold = np.asarray(logits)[order[top_k - 1]]
+    assert set(np.nonzero(np.isfinite(kept))[0]) == set(np.nonzero(np.asarray(logits) >= threshold)[0])
+    _check_frequencies(kept)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9])
+def test_top_p_support_and_frequencies(top_p):
+    logits = jnp.array([2.0, 1.2, 0.7, 0.3, -1.0, 0.9, -3.0, 0.0])
+    kept = np.asarray(sampling.top_p_filter(logits, top_p))
+    probs = np.asarray(jax.nn.softmax(logits))
+    order = np.argsort(-probs)
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    expected = set(order[mass_before <= top_p])  # smallest prefix whose mass reaches top_p
+    assert set(np.nonzero(np.isfinite(kept))[0]) == expected
+    _check_frequencies(kept)
+
+
+def _check_frequencies(filtered_logits: np.ndarray, draws: int = 40000) -> None:
+    """Samples never leave the support; frequencies match the renormalised probabilities within 5 standard errors."""
+    shape = sampling._LoopShape(greedy=False, top_k=0, use_top_p=False, use_cfg=False)
+    batch = jnp.broadcast_to(jnp.asarray(filtered_logits), (draws, 1, filtered_logits.shape[-1]))
+    tokens = np.asarray(sampling.sample_tokens(batch, jax.random.key(0), shape, 1.0, 0.0))[:, 0]
+    probs = np.exp(filtered_logits - filtered_logits[np.isfinite(filtered_logits)].max())
+    probs = np.where(np.isfinite(filtered_logits), probs, 0.0)
+    probs /= probs.sum()
+    counts = np.bincount(tokens, minlength=len(probs)) / draws
+    assert np.all(counts[probs == 0] == 0)
+    stderr = np.sqrt(probs * (1 - probs) / draws) + 1e-12
+    assert np.all(np.abs(counts - probs) <= 5 * stderr + 1e-9)
+
+
+def test_bad_sampling_settings_are_refused(pair):
+    _, _, mg = pair
+    with pytest.raises(ValueError, match="temperature"):
+        mg.generate(PROMPTS, duration=0.1, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        mg.generate(PROMPTS, duration=0.1, top_p=1.5)
+    with pytest.raises(ValueError, match="duration"):
+        mg.generate(PROMPTS, duration=0.0)
+    with pytest.raises(ValueError, match="empty"):
+        mg.generate([""], duration=0.1)
