@@ -1,0 +1,151 @@
+"""Generate music from text prompts with a converted MusicGen checkpoint.
+
+    python sample.py --prompt "calm piano" --prompt "upbeat chiptune" --duration 8 --out out/
+    python sample.py --checkpoint ckpt/musicgen-small --prompt "lofi beat" --continue intro.wav --duration 20
+
+Writes one wav per prompt and prints the paths and the real-time factor.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mgjax", "assets", "demo")
+NO_CHECKPOINT_HELP = (
+    "no checkpoint to sample from: {path} does not exist.\n"
+    "mgjax cannot download weights. Convert released MusicGen weights that you have on disk, then point at them:\n"
+    "  .venv/bin/python -m mgjax.convert /path/to/musicgen-small ckpt/musicgen-small\n"
+    "  make sample PROMPT=\"...\" ARGS=\"--checkpoint ckpt/musicgen-small\"")
+
+
+class CliError(Exception):
+    """A bad argument or input: printed as one line, exit status 2."""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", action="append", required=True, help="text description (repeat for several)")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds of audio per prompt (default 8)")
+    parser.add_argument("--checkpoint", default=None, help=f"converted checkpoint directory (default: the shipped "
+                                                           f"demo model, {os.path.relpath(DEFAULT_CHECKPOINT)})")
+    parser.add_argument("--out", default="out", help="output directory, or a .wav path when there is one prompt")
+    parser.add_argument("--format", choices=("pcm16", "float"), default="pcm16", help="wav sample format")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-k", type=int, default=250)
+    parser.add_argument("--top-p", type=float, default=0.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient")
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    parser.add_argument("--continue", dest="continue_wav", default=None,
+                        help="audio prompt to continue (resampled and mixed down as needed)")
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts generated together")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def validate(args) -> None:
+    if not args.duration > 0:
+        raise CliError(f"--duration must be > 0 seconds, got {args.duration}")
+    if any(not p.strip() for p in args.prompt):
+        raise CliError("--prompt must not be empty")
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.greedy and not args.temperature > 0:
+        raise CliError(f"--temperature must be > 0, got {args.temperature} (use --greedy for argmax)")
+    if not 0 <= args.top_p <= 1:
+        raise CliError(f"--top-p must lie in [0, 1], got {args.top_p}")
+    if args.cfg < 0:
+        raise CliError(f"--cfg must be >= 0, got {args.cfg}")
+    if args.continue_wav and not os.path.isfile(args.continue_wav):
+        raise CliError(f"--continue: audio file {args.continue_wav} does not exist")
+    if args.out.endswith(".wav") and len(args.prompt) > 1:
+        raise CliError("--out names one .wav file but there are several prompts; give a directory")
+
+
+def output_paths(out: str, prompts: list[str]) -> list[str]:
+    if out.endswith(".wav"):
+        return [out]
+    names = []
+    for i, prompt in enumerate(prompts):
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "prompt"
+        names.append(os.path.join(out, f"{i:02d}-{slug}.wav"))
+    return names
+
+
+class ProgressBar:
+    """A one-line text progress bar over decoding steps (stderr)."""
+
+    def __init__(self, label: str, enabled: bool):
+        self.label, self.enabled, self.start = label, enabled, time.perf_counter()
+
+    def __call__(self, step: int, total: int) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * step / max(total, 1))
+        rate = step / max(time.perf_counter() - self.start, 1e-9)
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {step}/{total} steps "
+                         f"{rate:.1f} steps/s")
+        if step >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def run(args) -> int:
+    validate(args)
+    checkpoint_dir = args.checkpoint or DEFAULT_CHECKPOINT
+    if not os.path.isdir(checkpoint_dir):
+        if args.checkpoint:
+            raise CliError(f"checkpoint directory {checkpoint_dir} does not exist")
+        print(NO_CHECKPOINT_HELP.format(path=os.path.relpath(checkpoint_dir)), file=sys.stderr)
+        return 2
+
+    import numpy as np
+
+    import mgjax
+    from mgjax.audio import load_audio, write_wav
+
+    mg = mgjax.MusicGen.load(checkpoint_dir)
+    prompt_audio = None
+    if args.continue_wav:
+        prompt_audio = load_audio(args.continue_wav, mg.sample_rate, mg.config.codec.channels)
+        if prompt_audio.shape[-1] / mg.sample_rate >= args.duration:
+            raise CliError(f"--continue audio ({prompt_audio.shape[-1] / mg.sample_rate:.2f} s) must be shorter "
+                           f"than --duration ({args.duration} s)")
+    paths = output_paths(args.out, args.prompt)
+    written, audio_seconds, start = [], 0.0, time.perf_counter()
+    for first in range(0, len(args.prompt), args.batch_size):
+        prompts = args.prompt[first: first + args.batch_size]
+        batch_prompt_audio = None if prompt_audio is None else np.repeat(prompt_audio[None], len(prompts), axis=0)
+        bar = ProgressBar(f"prompts {first + 1}-{first + len(prompts)}", not args.no_progress)
+        out = mg.generate(prompts, duration=args.duration, prompt_audio=batch_prompt_audio, top_k=args.top_k,
+                          top_p=args.top_p, temperature=args.temperature, cfg_coef=args.cfg, greedy=args.greedy,
+                          seed=args.seed + first, progress=bar, progress_every=10)
+        for wav, path in zip(out.wav, paths[first: first + len(prompts)]):
+            written.append(write_wav(path, wav, mg.sample_rate, args.format))
+            audio_seconds += wav.shape[-1] / mg.sample_rate
+    elapsed = time.perf_counter() - start
+    for path in written:
+        print(f"wrote {path}")
+    print(f"generated {audio_seconds:.1f} s of audio in {elapsed:.1f} s "
+          f"(real-time factor {audio_seconds / elapsed:.2f}x, compile time included)")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except CliError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

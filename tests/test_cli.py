@@ -1,0 +1,91 @@
+"""End to end through the command lines: `python -m mgjax.convert`, then `python sample.py`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the PyTorch oracle needs torch (pip install -e .[test])")
+soundfile = pytest.importorskip("soundfile")
+
+from helpers_tokenizer import build_test_tokenizer  # noqa: E402
+from oracle import musicgen  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48, num_codebooks=4,
+               vocab_size=32)
+
+
+def run(*args, check=True):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    src = tmp_path_factory.mktemp("hf")
+    musicgen(DECODER, seed=4).save_pretrained(src)
+    build_test_tokenizer(str(src))
+    dst = tmp_path_factory.mktemp("mg") / "ckpt"
+    result = run("-m", "mgjax.convert", str(src), str(dst))
+    assert "wrote" in result.stdout
+    return dst
+
+
+def test_sample_writes_wavs_of_the_requested_duration(converted, tmp_path):
+    out = tmp_path / "wavs"
+    result = run("sample.py", "--checkpoint", str(converted), "--prompt", "calm piano melody",
+                 "--prompt", "happy rock with drums", "--duration", "0.5", "--out", str(out), "--seed", "3")
+    paths = sorted(out.glob("*.wav"))
+    assert len(paths) == 2 and all(f"wrote {p}" in result.stdout for p in paths)
+    assert "real-time factor" in result.stdout
+    for path in paths:
+        data, rate = soundfile.read(path)
+        assert rate == 32000
+        assert abs(len(data) - 0.5 * 32000) <= 32000 / 50  # within one frame
+        assert np.isfinite(data).all() and np.abs(data).max() > 0
+
+
+def test_sample_continues_an_audio_prompt(converted, tmp_path):
+    prompt = tmp_path / "prompt.wav"
+    t = np.arange(int(0.2 * 44100)) / 44100
+    soundfile.write(prompt, np.stack([np.sin(2 * np.pi * 220 * t)] * 2, axis=1) * 0.5, 44100)  # stereo, 44.1 kHz
+    out = tmp_path / "cont.wav"
+    run("sample.py", "--checkpoint", str(converted), "--prompt", "calm piano", "--duration", "0.4",
+        "--continue", str(prompt), "--out", str(out), "--format", "float", "--no-progress")
+    data, rate = soundfile.read(out)
+    assert rate == 32000 and abs(len(data) - 0.4 * 32000) <= 32000 / 50
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--duration", "0"], "--duration"),
+    (["--top-p", "2"], "--top-p"),
+    (["--temperature", "0"], "--temperature"),
+    (["--continue", "/nonexistent.wav"], "does not exist"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_sample_rejects_bad_arguments(converted, args, message):
+    result = run("sample.py", "--checkpoint", str(converted), "--prompt", "calm piano", *args, check=False)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+
+
+def test_sample_refuses_a_missing_or_foreign_checkpoint(tmp_path):
+    result = run("sample.py", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", check=False)
+    assert result.returncode != 0 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "weights.bin").write_bytes(b"junk")
+    result = run("sample.py", "--checkpoint", str(tmp_path / "foreign"), "--prompt", "x", check=False)
+    assert result.returncode != 0 and "not an mgjax checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_convert_cli_refuses_foreign_directory(tmp_path):
+    result = run("-m", "mgjax.convert", str(tmp_path), str(tmp_path / "out"), check=False)
+    assert result.returncode == 2 and "neither a transformers checkpoint" in result.stderr
+    assert not (tmp_path / "out").exists()
