@@ -184,3 +184,66 @@ def load_codec(directory: str):
         raise CheckpointError(f"{directory}/{CONFIG_FILE}: {err}") from None
     abstract = jax.eval_shape(lambda: init_codec_params(codec_config))
     return codec_config, restore_params(directory, {"codec": abstract})["codec"]
+
+
+# ==================================================================================================================
+# Training checkpoints
+# ==================================================================================================================
+# A training run keeps `<output_dir>/checkpoints/<step>/` with two items: `state` (the whole train-state pytree:
+# params, optimizer state, step, rng, EMA) and `meta` (JSON: config, data position, anything the loop adds).
+# Restoring goes through an abstract state whose leaves carry the *current* mesh's shardings, so a checkpoint
+# written on one mesh loads onto any other (each device reads only its own shards).
+
+class TrainCheckpointer:
+    """Periodic train-state checkpoints through an Orbax `CheckpointManager` (async writes where available).
+
+    `save_every` steps, keeping the last `keep`; `save(..., force=True)` writes regardless (end of training).
+    """
+
+    def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(1, int(save_every)), max_to_keep=max(1, int(keep)), create=True,
+            enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.last_saved: int | None = None
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: Mapping[str, Any], *, force: bool = False) -> bool:
+        """Starts writing `state` (+ JSON `meta`) for `step` if due (or `force`); True if a save started.
+        A step that already has a checkpoint is not written again."""
+        if int(step) in self.manager.all_steps() or int(step) == self.last_saved:
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta)))
+        started = bool(self.manager.save(int(step), args=args, force=force))
+        if started:
+            self.last_saved = int(step)
+        return started
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+        """(state, meta) of `step` (default: latest), laid out as `abstract_state`'s leaves (`ShapeDtypeStruct`s
+        with shardings) say."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no training checkpoint in {self.directory}")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        try:
+            restored = self.manager.restore(int(step), args=args)
+        except Exception as err:  # orbax raises several types for a missing/corrupt/mismatched checkpoint
+            raise CheckpointError(f"cannot restore the training checkpoint {self.directory}/{step} "
+                                  f"({type(err).__name__}: {err}); was it written by another model config?") from None
+        return restored.state, dict(restored.meta or {})
+
+    def wait(self) -> None:
+        """Blocks until pending async writes are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -143,6 +143,24 @@ class TrainConfig:
     log_every: int = 10
     data_dir: str = ""
     output_dir: str = "runs/default"
+    # Data (mgjax/data.py): `data_dir` is a folder of audio files with sidecar captions or a JSONL manifest.
+    synthetic: bool = False  # train on generated structured codes instead of audio (tests, benches)
+    cache_dir: str = ""  # codes cache; "" means <output_dir>/code_cache
+    tokenizer_dir: str = ""  # "" means <pretrained>/tokenizer when it exists, else caption ids from the metadata
+    max_text_tokens: int = 64  # captions padded/truncated to this many tokens (static shapes)
+    valid_fraction: float = 0.0  # share of files held out for validation (chosen by a hash of the path)
+    eval_every: int = 0  # 0 disables periodic validation
+    eval_batches: int = 4
+    # Initialisation: a converted mgjax MusicGen checkpoint supplies the codec and T5 (and the LM when finetuning).
+    pretrained: str = ""
+    finetune: bool = False
+    # Checkpoints, logging, multi-host.
+    async_checkpointing: bool = True
+    tensorboard: bool = True  # skipped cleanly when tensorboard is not installed
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host pods)
+    coordinator_address: str = ""  # "" lets JAX auto-detect (TPU pods, SLURM)
+    num_processes: int = 0  # 0: auto-detect
+    process_id: int = -1  # -1: auto-detect
 
 
 @dataclasses.dataclass(frozen=True)

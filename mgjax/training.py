@@ -1,0 +1,357 @@
+"""LM training: train state, optimizer, masked pattern loss, and the jitted (sharded) train/eval steps.
+
+The train state is one pytree (`TrainState`): params `{'lm': ..., ['text': ...]}` (float32 master weights),
+optimizer state, step, PRNG key (raw uint32 `[2]`) and optional EMA params. The text encoder is frozen by default:
+its params then live in a separate `frozen` tree `{'text': ...}` that the optimizer never sees.
+
+A batch (global arrays, batch dim sharded over ('data', 'fsdp')) holds
+    codes int32 [B, K, T], mask bool [B, T] (padding), and the text condition, either
+    text_ids int32 [B, L] + text_mask int32 [B, L] (run through T5) or cond float [B, L, Dc] + cond_mask [B, L]
+    (precomputed T5 states), and optionally chroma float [B, F, 12] (melody models).
+
+One step: CFG condition dropout (drawn once per batch: the whole batch gets the null condition, zero states and
+zero mask) -> pattern.build(codes, special token = card, valid prefix) -> LM -> revert_logits -> per-codebook
+cross-entropy on positions that are both pattern-valid and real (padding mask) -> AdamW (warmup + cosine,
+global-norm clipping), gradients optionally accumulated over microbatches in a `lax.scan`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mgjax import sharding as sharding_lib
+from mgjax.config import MusicGenConfig, TrainConfig, to_dict
+from mgjax.lm.loss import codebook_cross_entropy
+from mgjax.lm.model import MusicGenLM
+from mgjax.lm.patterns import Pattern, pattern_from_config
+from mgjax.text.t5 import T5Encoder
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []
+    params: dict  # {'lm': ..., ['text': ...]} float32
+    opt_state: Any
+    rng: jax.Array  # uint32 [2]: raw PRNG key; step keys are fold_in(rng, step), so resuming is exact
+    ema: dict | None = None  # EMA of params (train.ema_decay > 0)
+
+
+# ----------------------------------------------------------------------------------------------- optimizer
+
+def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+    warmup = max(0, train.warmup_steps)
+    return optax.warmup_cosine_decay_schedule(0.0, train.learning_rate, warmup,
+                                              max(train.total_steps, warmup + 1), end_value=0.0)
+
+
+def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (b1, b2, weight decay from the config) on the schedule."""
+    adamw = optax.adamw(learning_rate_schedule(train), b1=train.adam_b1, b2=train.adam_b2,
+                        weight_decay=train.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw) if train.grad_clip > 0 else adamw
+
+
+# ----------------------------------------------------------------------------------------------- models & init
+
+def compute_dtype(config: MusicGenConfig) -> jnp.dtype:
+    return jnp.dtype(config.lm.compute_dtype)
+
+
+def text_encoder(config: MusicGenConfig) -> T5Encoder:
+    return T5Encoder(config.text, dtype=compute_dtype(config))
+
+
+def init_lm(config: MusicGenConfig, rng: jax.Array) -> Any:
+    """Logically boxed LM params (a dummy batch of one step fixes the shapes)."""
+    codes = jnp.zeros((1, config.lm.num_codebooks, 1), jnp.int32)
+    cond = jnp.zeros((1, 1, config.text.d_model), jnp.float32)
+    return MusicGenLM(config.lm).init(rng, codes, cond, jnp.ones((1, 1), jnp.int32))["params"]
+
+
+def init_text(config: MusicGenConfig, rng: jax.Array) -> Any:
+    """Logically boxed T5 params."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return text_encoder(config).init(rng, ids, jnp.ones((1, 1), jnp.int32))["params"]
+
+
+def make_init_fn(config: MusicGenConfig) -> Callable[[jax.Array], tuple[TrainState, dict]]:
+    """`rng -> (TrainState, frozen)` with boxed params, for `sharding.sharded_init`."""
+    optimizer = make_optimizer(config.train)
+
+    def init(rng):
+        lm_rng, text_rng = jax.random.split(rng)
+        params = {"lm": init_lm(config, lm_rng)}
+        text = init_text(config, text_rng)
+        frozen = {}
+        if config.train.train_text_encoder:
+            params["text"] = text
+        else:
+            frozen["text"] = text
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                           rng=jax.random.PRNGKey(config.train.seed),
+                           ema=params if config.train.ema_decay > 0 else None)
+        return state, frozen
+
+    return init
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """The jitted programs of one (config, mesh), built once per process and shared by every `Trainer`."""
+
+    init_state: Callable  # rng -> TrainState, written straight into its shardings
+    init_frozen: Callable  # rng -> frozen {'text': ...}
+    train_step: Callable  # (state, frozen, batch) -> (state, metrics); the state is donated
+    eval_step: Callable  # (params, frozen, batch) -> metrics
+    state_shardings: Any
+    frozen_shardings: Any
+    abstract_state: Any  # ShapeDtypeStructs with this mesh's shardings: the restore target
+    abstract_frozen: Any
+
+
+@functools.lru_cache(maxsize=16)
+def programs(config: MusicGenConfig, mesh: jax.sharding.Mesh) -> Programs:
+    """Shardings from the logical axes of `jax.eval_shape(init)`, and the init/train/eval programs jitted with
+    explicit in/out shardings (cached: a resumed or repeated run in the same process compiles nothing)."""
+    sharding_lib.check_batch_size(config.train.batch_size, mesh, config.train.grad_accum_steps)
+    init_fn = make_init_fn(config)
+    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    state_sh, frozen_sh = sharding_lib.logical_shardings(boxed, mesh)
+    abstract_state, abstract_frozen = jax.tree.map(
+        lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh), nn.meta.unbox(boxed),
+        (state_sh, frozen_sh))
+    batch_sh, rep = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+    return Programs(
+        init_state=jax.jit(lambda r: nn.meta.unbox(init_fn(r)[0]), out_shardings=state_sh),
+        init_frozen=jax.jit(lambda r: nn.meta.unbox(init_fn(r)[1]), out_shardings=frozen_sh),
+        train_step=jax.jit(lambda s, f, b: train_step(config, mesh, s, f, b),
+                           in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, rep),
+                           donate_argnums=0),
+        eval_step=jax.jit(lambda p, f, b: eval_step(config, p, f, b),
+                          in_shardings=(state_sh.params, frozen_sh, batch_sh), out_shardings=rep),
+        state_shardings=state_sh, frozen_shardings=frozen_sh, abstract_state=abstract_state,
+        abstract_frozen=abstract_frozen)
+
+
+def with_params(state: TrainState, params: dict) -> TrainState:
+    """`state` with (pretrained) `params` replacing the same top-level keys, EMA restarted from them."""
+    merged = dict(state.params, **params)
+    return state.replace(params=merged, ema=merged if state.ema is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------- loss
+
+def drop_condition(cond: jax.Array, cond_mask: jax.Array, drop: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The null condition (zero states, zero mask) where the scalar `drop` is True, else unchanged."""
+    return jnp.where(drop, jnp.zeros_like(cond), cond), jnp.where(drop, jnp.zeros_like(cond_mask), cond_mask)
+
+
+def text_condition(config: MusicGenConfig, params: dict, frozen: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """cond `[B, L, Dc]`, cond_mask `[B, L]` from precomputed states or from T5 on the caption tokens."""
+    if "cond" in batch:
+        return batch["cond"], batch["cond_mask"]
+    text_params = params["text"] if "text" in params else jax.lax.stop_gradient(frozen["text"])
+    states = text_encoder(config).apply({"params": text_params}, batch["text_ids"], batch["text_mask"])
+    return states, batch["text_mask"]
+
+
+def pattern_loss(config: MusicGenConfig, pattern: Pattern, params: dict, frozen: dict, batch: Batch,
+                 drop: jax.Array) -> tuple[jax.Array, dict]:
+    """Masked per-codebook cross-entropy of the LM on `batch` -> (loss, {'per_codebook': [K], 'tokens': []})."""
+    lm = config.lm
+    codes = batch["codes"]
+    timesteps = codes.shape[-1]
+    cond, cond_mask = drop_condition(*text_condition(config, params, frozen, batch), drop)
+    chroma = batch.get("chroma")
+    if chroma is not None:
+        chroma = jnp.where(drop, jnp.zeros_like(chroma), chroma)
+    seq = pattern.build(codes, special_token=lm.card, valid_only=True)  # [B, K, S]
+    logits = MusicGenLM(lm).apply({"params": params["lm"]}, seq, cond, cond_mask, chroma=chroma)
+    logits, valid = pattern.revert_logits(logits, timesteps=timesteps)  # [B, K, T, card], [K, T]
+    mask = jnp.asarray(valid)[None] & batch["mask"].astype(bool)[:, None, :]
+    loss, per_codebook = codebook_cross_entropy(logits, codes, mask)
+    return loss, {"per_codebook": per_codebook, "tokens": mask.sum().astype(jnp.float32)}
+
+
+# ----------------------------------------------------------------------------------------------- step
+
+def _microbatches(batch: Batch, steps: int, mesh: jax.sharding.Mesh) -> Batch:
+    """`[B, ...]` -> `[steps, B / steps, ...]`; each microbatch stays split over the data-parallel devices."""
+    def split(x):
+        x = x.reshape((x.shape[0] // steps, steps) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, sharding_lib.BATCH_AXES)))
+    return jax.tree.map(split, batch)
+
+
+def loss_and_grads(config: MusicGenConfig, pattern: Pattern, mesh: jax.sharding.Mesh, params: dict, frozen: dict,
+                   batch: Batch, drop: jax.Array) -> tuple[jax.Array, dict, dict]:
+    """(loss, aux, grads), averaged over `train.grad_accum_steps` microbatches run in a `lax.scan`."""
+    grad_fn = jax.value_and_grad(lambda p, b: pattern_loss(config, pattern, p, frozen, b, drop), has_aux=True)
+    steps = config.train.grad_accum_steps
+    if steps <= 1:
+        (loss, aux), grads = grad_fn(params, batch)
+        return loss, aux, grads
+
+    def body(acc, micro):
+        (loss, aux), grads = grad_fn(params, micro)
+        return jax.tree.map(jnp.add, acc, grads), (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses, auxs) = jax.lax.scan(body, zeros, _microbatches(batch, steps, mesh))
+    aux = {"per_codebook": auxs["per_codebook"].mean(0), "tokens": auxs["tokens"].sum()}
+    return losses.mean(), aux, jax.tree.map(lambda g: g / steps, grads)
+
+
+def train_step(config: MusicGenConfig, mesh: jax.sharding.Mesh, state: TrainState, frozen: dict,
+               batch: Batch) -> tuple[TrainState, dict]:
+    """One optimizer step -> (new state, metrics {loss, per_codebook [K], lr, grad_norm, tokens})."""
+    train = config.train
+    rng = jax.random.fold_in(state.rng, state.step)
+    drop = jax.random.bernoulli(rng, train.cfg_dropout)  # once per batch, as audiocraft's CFG dropout
+    loss, aux, grads = loss_and_grads(config, pattern_from_config(config.lm), mesh, state.params, frozen, batch, drop)
+    updates, opt_state = make_optimizer(train).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if ema is not None:
+        ema = jax.tree.map(lambda e, p: train.ema_decay * e + (1.0 - train.ema_decay) * p, ema, params)
+    metrics = dict(aux, loss=loss, lr=learning_rate_schedule(train)(state.step), grad_norm=optax.global_norm(grads),
+                   cond_dropped=drop.astype(jnp.float32))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng, ema=ema), metrics
+
+
+def eval_step(config: MusicGenConfig, params: dict, frozen: dict, batch: Batch) -> dict:
+    """Loss on a batch without condition dropout -> {loss, per_codebook, tokens}."""
+    loss, aux = pattern_loss(config, pattern_from_config(config.lm), params, frozen, batch, jnp.asarray(False))
+    return dict(aux, loss=loss)
+
+
+def load_pretrained(config: MusicGenConfig, prog: Programs, state: TrainState, frozen: dict,
+                    fresh: bool) -> tuple[TrainState, dict]:
+    """Takes T5 (and, when `train.finetune` on a fresh run, the LM) from the converted checkpoint `train.pretrained`,
+    each leaf restored straight into its sharding. A resumed run keeps its trained params."""
+    from mgjax import checkpoint
+
+    train = config.train
+    wanted = {"text": {**prog.abstract_state.params, **prog.abstract_frozen}["text"]}
+    if train.finetune and fresh:
+        wanted["lm"] = prog.abstract_state.params["lm"]
+    loaded = checkpoint.restore_params(train.pretrained, wanted, sharding=lambda leaf: leaf.sharding)
+    if "text" in state.params:
+        if fresh:
+            state = with_params(state, {"text": loaded.pop("text")})
+        else:
+            loaded.pop("text")
+    else:
+        frozen = dict(frozen, text=loaded.pop("text"))
+    if loaded:
+        state = with_params(state, loaded)
+    return state, frozen
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Mesh, state, frozen params and the compiled steps of one run; `state` is replaced by every step."""
+
+    config: MusicGenConfig
+    mesh: jax.sharding.Mesh
+    state: TrainState
+    frozen: dict
+    programs: Programs
+    meta: dict  # meta of the checkpoint resumed from ({} for a fresh run)
+
+    @classmethod
+    def create(cls, config: MusicGenConfig, mesh: jax.sharding.Mesh, checkpointer: Any = None) -> "Trainer":
+        """Resumes from `checkpointer`'s latest checkpoint (onto this mesh), else initialises; then loads
+        `train.pretrained` if set."""
+        prog = programs(config, mesh)
+        rng = jax.random.PRNGKey(config.train.seed)
+        meta: dict = {}
+        if checkpointer is not None and checkpointer.latest_step() is not None:
+            state, meta = checkpointer.restore(prog.abstract_state)
+        else:
+            state = prog.init_state(rng)
+        frozen = prog.init_frozen(rng)
+        if config.train.pretrained:
+            state, frozen = load_pretrained(config, prog, state, frozen, fresh=not meta)
+        return cls(config, mesh, state, frozen, prog, meta)
+
+    @property
+    def step_count(self) -> int:
+        return int(jax.device_get(self.state.step))
+
+    def step(self, local_batch: dict[str, np.ndarray]) -> dict:
+        """One train step on this host's rows of the batch -> metrics (device arrays, not waited for)."""
+        batch = sharding_lib.global_batch(local_batch, self.mesh)
+        self.state, metrics = self.programs.train_step(self.state, self.frozen, batch)
+        return metrics
+
+    def evaluate(self, local_batches: Sequence[dict[str, np.ndarray]], use_ema: bool = False) -> dict:
+        """Mean loss and per-codebook loss over batches (EMA params if asked and present)."""
+        params = self.state.ema if use_ema and self.state.ema is not None else self.state.params
+        results = [jax.device_get(self.programs.eval_step(params, self.frozen,
+                                                          sharding_lib.global_batch(b, self.mesh)))
+                   for b in local_batches]
+        return {key: np.mean([r[key] for r in results], axis=0) for key in ("loss", "per_codebook")}
+
+
+def checkpoint_meta(config: MusicGenConfig, step: int) -> dict:
+    """What a checkpoint records beside the state: the data position (batches are a function of the step)."""
+    return {"step": step, "data_position": step, "seed": config.train.seed, "config": to_dict(config)}
+
+
+def fit(trainer: Trainer, dataset: Any, *, until: int | None = None, checkpointer: Any = None,
+        valid: Any = None, on_log: Callable[[int, dict], None] | None = None) -> list[float]:
+    """Trains from the state's step to `until` (default `train.total_steps`) -> the loss of every step run.
+
+    `dataset.batch(step)` gives this host's rows; checkpoints every `train.checkpoint_every` steps and at the end;
+    `on_log(step, metrics)` every `train.log_every` steps (metrics fetched to host, with `tokens_per_s` and, every
+    `train.eval_every` steps when `valid` is given, `valid_loss`).
+    """
+    train = trainer.config.train
+    until = train.total_steps if until is None else until
+    step = trainer.step_count
+    position = trainer.meta.get("data_position", step)
+    if position != step:
+        raise ValueError(f"checkpoint data position {position} differs from its step {step}")
+    losses: list[float] = []
+    last_time, last_step = time.perf_counter(), step
+    while step < until:
+        local = dataset.batch(step)
+        metrics = trainer.step(local)
+        step += 1
+        losses.append(float(metrics["loss"]))  # also paces the host to the device
+        if len(losses) == 1:  # keep compile time out of tokens/s
+            last_time, last_step = time.perf_counter(), step
+        if checkpointer is not None:
+            checkpointer.save(step, trainer.state, checkpoint_meta(trainer.config, step))
+        if on_log is not None and (step % max(train.log_every, 1) == 0 or step == until):
+            now = time.perf_counter()
+            logged = jax.device_get(metrics)
+            logged["tokens_per_s"] = tokens_per_step(local) * (step - last_step) / max(now - last_time, 1e-9)
+            if valid is not None and train.eval_every and step % train.eval_every == 0:
+                logged["valid_loss"] = float(trainer.evaluate([valid.batch(i) for i in range(train.eval_batches)],
+                                                              use_ema=True)["loss"])
+            on_log(step, logged)
+            last_time, last_step = time.perf_counter(), step
+    if checkpointer is not None:
+        checkpointer.save(step, trainer.state, checkpoint_meta(trainer.config, step), force=True)
+        checkpointer.wait()
+    return losses
+
+
+def tokens_per_step(local_batch: dict[str, np.ndarray]) -> int:
+    """Code tokens of the global batch (B * K * T) one step consumes."""
+    return int(np.prod(np.shape(local_batch["codes"]))) * jax.process_count()
