@@ -74,3 +74,17 @@ def reference_generate(model, input_ids, attention_mask, frames: int, **kwargs):
     finally:
         model.audio_encoder.decode = decode
     return audio.numpy(), captured["codes"]
+
+
+def musicgen_melody(decoder: dict, seed: int = 0, text: dict | None = None, **config):
+    """A random `MusicgenMelodyForConditionalGeneration` (chroma + text prepended); `decoder` as for `musicgen`,
+    `config` e.g. num_chroma / chroma_length."""
+    torch.manual_seed(seed)
+    card = decoder["vocab_size"]
+    melody_config = transformers.MusicgenMelodyConfig(
+        text_encoder=transformers.T5Config(**(text or TEXT)),
+        audio_encoder=codec_config(decoder["num_codebooks"], card),
+        decoder=transformers.MusicgenMelodyDecoderConfig(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                                                         max_position_embeddings=512, pad_token_id=card,
+                                                         bos_token_id=card, **decoder), **config)
+    return randomise(transformers.MusicgenMelodyForConditionalGeneration(melody_config), seed)
