@@ -85,6 +85,9 @@ class T5Config:
             raise ConfigError(f"text.feed_forward_proj must be 'relu' or 'gated-gelu', got {self.feed_forward_proj!r}")
 
 
+PATTERN_NAMES = ("delay", "parallel", "unroll", "coarse_first", "musiclm")
+
+
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
     """MusicGen decoder LM. Defaults: musicgen-small."""
@@ -102,6 +105,9 @@ class LMConfig:
     conditioning: str = "cross"  # 'cross' (cross-attention) or 'prepend' (melody models)
     layer_norm_eps: float = 1e-5
     compute_dtype: str = "float32"
+    # 'int8': matmul weights stored as int8 with per-output-channel float32 scales and multiplied as int8 x int8
+    # -> int32 with per-row activation scales (a sampling-speed option; `quantize_lm_params` converts float params).
+    weight_format: str = "float32"
     remat: bool = False
     num_chroma: int = 12  # melody models: chroma bins projected and prepended
     chroma_length: int = 235  # melody models: number of chroma frames in the prefix
@@ -115,6 +121,10 @@ class LMConfig:
             raise ConfigError(f"lm.dim={self.dim} is not divisible by lm.num_heads={self.num_heads}")
         if self.conditioning not in ("cross", "prepend"):
             raise ConfigError(f"lm.conditioning must be 'cross' or 'prepend', got {self.conditioning!r}")
+        if self.pattern not in PATTERN_NAMES:
+            raise ConfigError(f"unknown lm.pattern {self.pattern!r}; choose one of {', '.join(PATTERN_NAMES)}")
+        if self.weight_format not in ("float32", "int8"):
+            raise ConfigError(f"lm.weight_format must be 'float32' or 'int8', got {self.weight_format!r}")
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"lm.compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
 

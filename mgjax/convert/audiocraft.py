@@ -387,9 +387,8 @@ def _float32(value: Any) -> np.ndarray:
 
 
 def codec_state(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """audiocraft codec state dict -> numpy (float32 for floating tensors), ConvTranspose keys renamed to the
-    `conv.conv` spelling that `encodec_weights.AUDIOCRAFT` reads for every conv layer."""
-    return {key.replace(".convtr.convtr.", ".conv.conv."): _float32(value) for key, value in state.items()}
+    """audiocraft codec state dict -> numpy (float32 for floating tensors)."""
+    return {key: _float32(value) for key, value in state.items()}
 
 
 def _params(what: str, fn, *args) -> dict:

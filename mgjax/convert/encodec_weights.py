@@ -18,14 +18,17 @@ class CodecKeyStyle:
 
     layer: str  # prefix of layer i of a SEANet part
     conv: str  # suffix of the conv inside a conv layer
+    convtr: str  # suffix of the transposed conv inside an upsampling layer
     block_conv: str  # suffix of conv j inside a residual block
     shortcut: str
     codebook: str  # key of codebook q
 
 
-TRANSFORMERS = CodecKeyStyle(layer="{part}.layers.{i}", conv=".conv", block_conv=".block.{j}.conv",
+TRANSFORMERS = CodecKeyStyle(layer="{part}.layers.{i}", conv=".conv", convtr=".conv",
+                             block_conv=".block.{j}.conv",
                              shortcut=".shortcut.conv", codebook="quantizer.layers.{q}.codebook.embed")
-AUDIOCRAFT = CodecKeyStyle(layer="{part}.model.{i}", conv=".conv.conv", block_conv=".block.{j}.conv.conv",
+AUDIOCRAFT = CodecKeyStyle(layer="{part}.model.{i}", conv=".conv.conv", convtr=".convtr.convtr",
+                           block_conv=".block.{j}.conv.conv",
                            shortcut=".shortcut.conv.conv", codebook="quantizer.vq.layers.{q}._codebook.embed")
 
 
@@ -86,7 +89,8 @@ def _part(state, cfg: CodecConfig, part: str, plan, style: CodecKeyStyle, prefix
     for index, kind, kwargs in plan:
         key = prefix + style.layer.format(part=part, i=index)
         if kind in ("conv", "convtr"):
-            out[f"layers_{index}"] = _conv(state, key + style.conv, transpose=kind == "convtr")
+            transpose = kind == "convtr"
+            out[f"layers_{index}"] = _conv(state, key + (style.convtr if transpose else style.conv), transpose)
         elif kind == "lstm":
             out[f"layers_{index}"] = _lstm(state, key, kwargs["num_layers"])
         else:

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mgjax.config import LMConfig
-from mgjax.lm.transformer import LayerNorm, default_init, param_with_axes, scanned_layers, sinusoidal_positions
+from mgjax.lm.transformer import (LayerNorm, default_init, param_with_axes, project, quantize_weight, scanned_layers,
+                                  sinusoidal_positions)
 
 Array = jax.Array
 
@@ -58,6 +59,13 @@ class CodebookHeads(nn.Module):
     def __call__(self, x: Array) -> Array:
         """x `[B, T, D]` -> logits `[B, K, T, card]` float32."""
         c = self.config
+        if c.weight_format == "int8":  # the codebook axis leads, so the generic matmul_weight layout does not apply
+            kernel = (self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                        ("codebooks", "embed", "vocab")),
+                                 (c.num_codebooks, c.dim, c.card), jnp.int8),
+                      param_with_axes(self, "kernel_scale", (c.num_codebooks, c.card), ("codebooks", "vocab"),
+                                      nn.initializers.ones))
+            return project("btd,kdc->bktc", x, kernel, jnp.float32)
         kernel = param_with_axes(self, "kernel", (c.num_codebooks, c.dim, c.card), ("codebooks", "embed", "vocab"))
         dtype = jnp.dtype(c.compute_dtype)
         return jnp.einsum("btd,kdc->bktc", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
@@ -188,3 +196,26 @@ class MusicGenLM(nn.Module):
         mask = None if self.prepend else cache["cross_mask"]
         x, kv = self.layers(x, None, mask, cross, {"k": cache["k"], "v": cache["v"]}, index)
         return self.logits(x), dict(cache, index=index + seq, **kv)
+
+
+# Matmul weights and the axes their matmul contracts (after the leading `layers` axis where stacked).
+_INT8_CONTRACTED = {"q_proj": (1,), "k_proj": (1,), "v_proj": (1,), "out_proj": (1, 2), "fc1": (1,), "fc2": (1,)}
+
+
+def quantize_lm_params(params: dict) -> dict:
+    """Float LM params -> the `weight_format='int8'` tree: every attention/FFN/head matmul weight becomes int8 with
+    a float32 `<name>_scale` per output channel; embeddings, norms and condition projections stay float32."""
+    def walk(tree: dict, in_layers: bool) -> dict:
+        out = {}
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                out[name] = walk(value, in_layers or name == "layers")
+            elif in_layers and name in _INT8_CONTRACTED:
+                out[name], out[f"{name}_scale"] = quantize_weight(value, _INT8_CONTRACTED[name])
+            else:
+                out[name] = value
+        return out
+
+    quantized = walk({k: v for k, v in params.items() if k != "heads"}, False)
+    quantized["heads"] = dict(zip(("kernel", "kernel_scale"), quantize_weight(params["heads"]["kernel"], (1,))))
+    return quantized

@@ -1,0 +1,207 @@
+"""Sampling speed: mgjax's compiled loop vs transformers `generate`, same random weights, same run.
+
+Rows: the musicgen-small decoder (d=1024, 24 layers, 16 heads, 4 x 2048) at batch 1 and 8, and a small shape
+(d=256, 6 layers) where per-step overhead rather than memory bandwidth decides; 500 frames (10 s) with CFG by
+default. Each engine runs in its own subprocess (so peak RSS is its own): transformers (float32), mgjax float32,
+mgjax int8 (weight-only storage, int8 x int8 -> int32 matmuls with per-row activation scales). Compile time is
+reported apart. `bw %` is the parameter bytes read per step / step time, against a measured memory copy bandwidth.
+The last line is the ratio mgjax (best format) / transformers at the musicgen-small shape, batch 1.
+
+Usage: python bench/bench_sampling.py [--frames 500] [--rows small,tiny,small-b8] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+SHAPES = {  # name: (decoder kwargs, batch)
+    "small": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096), 1),
+    "tiny": (dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, ffn_dim=1024), 1),
+    "small-b8": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096), 8),
+}
+TEXT_LEN = 12
+
+
+def build_source(shape: str, directory: str) -> None:
+    """A random transformers MusicGen with the given decoder shape (tiny T5 and codec), saved to `directory`."""
+    import torch
+    import transformers
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from oracle import codec_config
+
+    torch.manual_seed(0)
+    decoder, _ = SHAPES[shape]
+    config = transformers.MusicgenConfig(
+        text_encoder=transformers.T5Config(vocab_size=64, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=1),
+        audio_encoder=codec_config(4, 2048),
+        decoder=transformers.MusicgenDecoderConfig(num_codebooks=4, vocab_size=2048, pad_token_id=2048,
+                                                   bos_token_id=2048, max_position_embeddings=2048, **decoder))
+    transformers.MusicgenForConditionalGeneration(config).eval().save_pretrained(directory)
+
+
+def text_inputs(batch: int):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    return rng.integers(1, 64, (batch, TEXT_LEN)).astype(np.int64), np.ones((batch, TEXT_LEN), np.int64)
+
+
+def run_torch(source: str, batch: int, frames: int, threads: int) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    model = transformers.MusicgenForConditionalGeneration.from_pretrained(source).eval()
+    ids, mask = (torch.from_numpy(a) for a in text_inputs(batch))
+    kwargs = dict(input_ids=ids, attention_mask=mask, do_sample=True, top_k=250, guidance_scale=3.0)
+    with torch.inference_mode():
+        model.generate(**kwargs, max_new_tokens=8)  # warm-up
+        start = time.perf_counter()
+        model.generate(**kwargs, max_new_tokens=frames + 3)
+        seconds = time.perf_counter() - start
+    return dict(seconds=seconds, compile=0.0)
+
+
+def run_mgjax(checkpoint: str, batch: int, frames: int, weight_format: str) -> dict:
+    import dataclasses
+
+    import mgjax
+    from mgjax.lm.model import quantize_lm_params
+
+    mg = mgjax.MusicGen.load(checkpoint)
+    quality = {}
+    if weight_format == "int8":
+        float_lm, float_config = mg.params["lm"], mg.config.lm
+        mg = mgjax.MusicGen(dataclasses.replace(mg.config, lm=dataclasses.replace(mg.config.lm, weight_format="int8")),
+                            dict(mg.params, lm=quantize_lm_params(mg.params["lm"])))
+        quality = int8_quality(float_config, float_lm, mg.config.lm, mg.params["lm"], mg)
+    ids, mask = text_inputs(batch)
+    duration = frames / mg.frame_rate
+    start = time.perf_counter()
+    mg.generate(input_ids=ids, attention_mask=mask, duration=duration, top_k=250, cfg_coef=3.0, seed=0)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    mg.generate(input_ids=ids, attention_mask=mask, duration=duration, top_k=250, cfg_coef=3.0, seed=1)
+    seconds = time.perf_counter() - start
+    weight_bytes = streamed_bytes(mg.params["lm"])
+    return dict(seconds=seconds, compile=max(first - seconds, 0.0), weight_bytes=weight_bytes, **quality)
+
+
+def streamed_bytes(lm_params: dict) -> int:
+    """Bytes of the LM weights each decoding step reads: all but the embedding tables, the condition projections
+    and the cross-attention key/value projections (applied once, at prefill)."""
+    import jax
+
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(lm_params):
+        name = jax.tree_util.keystr(path)
+        once = ("enc_to_dec_proj" in name or name.startswith("['embed']")
+                or ("cross_attn']" in name and ("k_proj" in name or "v_proj" in name)))
+        total += 0 if once else leaf.size * leaf.dtype.itemsize
+    return total
+
+
+def int8_quality(float_config, float_lm, int8_config, int8_lm, mg) -> dict:
+    """Teacher-forced logits of the int8 model vs float32 on random codes: max abs error relative to the logits'
+    spread, and how often the argmax agrees."""
+    import jax
+    import jax.numpy as jnp
+
+    from mgjax.lm.model import MusicGenLM
+
+    ids, mask = text_inputs(2)
+    cond = mg.encode_text(ids, mask)
+    codes = jax.random.randint(jax.random.key(0), (2, float_config.num_codebooks, 100), 0, float_config.card)
+    full = MusicGenLM(float_config).apply({"params": float_lm}, codes, cond, jnp.asarray(mask, bool))
+    quant = MusicGenLM(int8_config).apply({"params": int8_lm}, codes, cond, jnp.asarray(mask, bool))
+    return dict(int8_rel_err=float(jnp.abs(full - quant).max() / full.std()),
+                int8_argmax_agree=float((full.argmax(-1) == quant.argmax(-1)).mean()))
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a large numpy copy, counting bytes read + written."""
+    import numpy as np
+    source = np.ones(2 ** 28, np.uint8)
+    source.copy()
+    start = time.perf_counter()
+    for _ in range(4):
+        source.copy()
+    return 2 * source.nbytes * 4 / (time.perf_counter() - start) / 1e9
+
+
+def child(args) -> None:
+    if args.engine == "torch":
+        result = run_torch(args.source, args.batch, args.frames, args.threads)
+    else:
+        result = run_mgjax(args.checkpoint, args.batch, args.frames, args.engine.split("-")[1])
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print("RESULT " + json.dumps(result))
+
+
+def spawn(engine: str, source: str, checkpoint: str, batch: int, frames: int, threads: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", engine, "--source", source, "--checkpoint",
+           checkpoint, "--batch", str(batch), "--frames", str(frames), "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{engine} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=500)
+    parser.add_argument("--rows", default="small,tiny,small-b8")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--source", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.engine = args.child
+        return child(args)
+
+    import mgjax
+    bandwidth = copy_bandwidth()
+    print(f"frames {args.frames} (+3 delay steps), CFG 3, top-k 250, threads {args.threads}; "
+          f"copy bandwidth {bandwidth:.1f} GB/s (read + write)")
+    print(f"{'row':9} {'engine':12} {'steps/s':>8} {'x torch':>8} {'compile s':>9} {'peak GB':>8} {'bw %':>6}  quality")
+    headline = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in args.rows.split(","):
+            _, batch = SHAPES[row]
+            source, checkpoint = os.path.join(tmp, f"{row}-hf"), os.path.join(tmp, f"{row}-mg")
+            if not os.path.isdir(source):
+                build_source(row, source)
+                mgjax.convert_checkpoint(source, checkpoint)
+            steps = args.frames + 3
+            results = {engine: spawn(engine, source, checkpoint, batch, args.frames, args.threads)
+                       for engine in ("torch", "mgjax-float32", "mgjax-int8")}
+            torch_rate = steps / results["torch"]["seconds"]
+            for engine, result in results.items():
+                rate = steps / result["seconds"]
+                bw = ""
+                if "weight_bytes" in result:
+                    bw = f"{100 * result['weight_bytes'] * rate / 1e9 / (bandwidth / 2):.0f}"
+                quality = ""
+                if "int8_rel_err" in result:
+                    quality = (f"logit err {result['int8_rel_err']:.3f} std, argmax agrees "
+                               f"{100 * result['int8_argmax_agree']:.1f}%")
+                print(f"{row:9} {engine:12} {rate:8.2f} {rate / torch_rate:8.2f} {result['compile']:9.1f} "
+                      f"{result['peak_rss_gb']:8.2f} {bw:>6}  {quality}", flush=True)
+            if row == "small":
+                best = max(steps / results[e]["seconds"] for e in ("mgjax-float32", "mgjax-int8"))
+                headline = best / torch_rate
+    if headline is not None:
+        print(f"speed ratio mgjax vs transformers (musicgen-small decoder, batch 1, CFG): {headline:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
