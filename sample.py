@@ -41,6 +41,8 @@ def parse_args(argv):
     parser.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     parser.add_argument("--continue", dest="continue_wav", default=None,
                         help="audio prompt to continue (resampled and mixed down as needed)")
+    parser.add_argument("--melody", default=None,
+                        help="melody audio to follow (MusicGen-melody checkpoints; used as given, no stem separation)")
     parser.add_argument("--batch-size", type=int, default=4, help="prompts generated together")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -59,8 +61,9 @@ def validate(args) -> None:
         raise CliError(f"--top-p must lie in [0, 1], got {args.top_p}")
     if args.cfg < 0:
         raise CliError(f"--cfg must be >= 0, got {args.cfg}")
-    if args.continue_wav and not os.path.isfile(args.continue_wav):
-        raise CliError(f"--continue: audio file {args.continue_wav} does not exist")
+    for flag, path in (("--continue", args.continue_wav), ("--melody", args.melody)):
+        if path and not os.path.isfile(path):
+            raise CliError(f"{flag}: audio file {path} does not exist")
     if args.out.endswith(".wav") and len(args.prompt) > 1:
         raise CliError("--out names one .wav file but there are several prompts; give a directory")
 
@@ -115,13 +118,20 @@ def run(args) -> int:
         if prompt_audio.shape[-1] / mg.sample_rate >= args.duration:
             raise CliError(f"--continue audio ({prompt_audio.shape[-1] / mg.sample_rate:.2f} s) must be shorter "
                            f"than --duration ({args.duration} s)")
+    melody = None
+    if args.melody:
+        if mg.config.lm.conditioning != "prepend":
+            raise CliError(f"--melody needs a MusicGen-melody checkpoint; {checkpoint_dir} conditions on text only")
+        melody = load_audio(args.melody, mg.sample_rate, 1)
     paths = output_paths(args.out, args.prompt)
     written, audio_seconds, start = [], 0.0, time.perf_counter()
     for first in range(0, len(args.prompt), args.batch_size):
         prompts = args.prompt[first: first + args.batch_size]
         batch_prompt_audio = None if prompt_audio is None else np.repeat(prompt_audio[None], len(prompts), axis=0)
+        batch_melody = None if melody is None else np.repeat(melody[None], len(prompts), axis=0)
         bar = ProgressBar(f"prompts {first + 1}-{first + len(prompts)}", not args.no_progress)
-        out = mg.generate(prompts, duration=args.duration, prompt_audio=batch_prompt_audio, top_k=args.top_k,
+        out = mg.generate(prompts, duration=args.duration, prompt_audio=batch_prompt_audio, melody=batch_melody,
+                          top_k=args.top_k,
                           top_p=args.top_p, temperature=args.temperature, cfg_coef=args.cfg, greedy=args.greedy,
                           seed=args.seed + first, progress=bar, progress_every=10)
         for wav, path in zip(out.wav, paths[first: first + len(prompts)]):

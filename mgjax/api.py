@@ -139,36 +139,102 @@ class MusicGen:
         return max(1, int(round(duration * self.frame_rate)))
 
     def generate(self, prompts: Sequence[str] | None = None, duration: float = 10.0, *, input_ids=None,
-                 attention_mask=None, melody=None, prompt_audio=None, top_k: int = 250, top_p: float = 0.0,
-                 temperature: float = 1.0, cfg_coef: float = 3.0, greedy: bool = False, seed: int = 0,
-                 progress: Optional[Callable[[int, int], None]] = None, progress_every: int = 0) -> GenerationOutput:
+                 attention_mask=None, melody=None, melody_sample_rate: Optional[int] = None, prompt_audio=None,
+                 top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0, cfg_coef: float = 3.0,
+                 greedy: bool = False, seed: int = 0, progress: Optional[Callable[[int, int], None]] = None,
+                 progress_every: int = 0) -> GenerationOutput:
         """Generates `duration` seconds for each prompt (strings, or `input_ids`/`attention_mask`).
 
-        `prompt_audio` float32 `[B, C, N]`: continuation, its codes kept as the first frames of the output.
+        `melody` float32 `[B, C, N]` or `[B, N]` at `melody_sample_rate` (default `sample_rate`): chroma
+        conditioning, melody models only. `prompt_audio` float32 `[B, C, N]`: continuation, its codes kept as the
+        first frames of the output. Durations beyond the model's window (`lm.max_duration`) are generated window
+        by window, each window prompted with the last `max_duration - extend_stride` seconds of the previous one.
         `progress(step, total)` is called every `progress_every` decoding steps from inside the compiled loop.
         """
-        if melody is not None:
-            raise NotImplementedError("melody conditioning needs a MusicGen-melody checkpoint and is not supported "
-                                      "by this version of mgjax yet")
         ids, mask = self.tokenize(prompts, input_ids, attention_mask)
         frames = self.frames_for(duration)
-        batch, num_codebooks = ids.shape[0], self.config.lm.num_codebooks
-        if prompt_audio is not None:
-            prompt_codes = np.asarray(self.encode(prompt_audio))
-            if prompt_codes.shape[0] != batch:
-                raise ValueError(f"prompt_audio has batch {prompt_codes.shape[0]} but there are {batch} prompts")
-            if prompt_codes.shape[-1] > frames:
-                raise ValueError(f"prompt_audio ({prompt_codes.shape[-1] / self.frame_rate:.2f} s) is longer than "
-                                 f"the requested duration ({duration} s)")
-        else:
-            prompt_codes = np.zeros((batch, num_codebooks, 0), np.int32)
         sampling = SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature, cfg_coef=cfg_coef,
-                                  greedy=greedy)
+                                  greedy=greedy).validate()
+        melody = self._check_melody(melody, ids.shape[0])
+        prompt_codes = self._prompt_codes(prompt_audio, ids.shape[0], frames)
         cond = self.encode_text(ids, mask)
         every = progress_every if progress is not None else 0
         with progress_callback(progress):
-            codes = generate_codes(self.params["lm"], cond, jnp.asarray(mask), jax.random.key(seed), prompt_codes,
-                                   lm_config=self.config.lm, frames=frames, sampling=sampling, progress_every=every)
-            codes = jax.block_until_ready(codes)
+            codes, _ = self.generate_windows(cond, mask, prompt_codes, frames, sampling, jax.random.key(seed),
+                                             melody=melody, melody_sample_rate=melody_sample_rate or
+                                             self.sample_rate, progress_every=every)
         wav = self.decode(codes)
         return GenerationOutput(wav=np.asarray(wav), codes=np.asarray(codes))
+
+    def window_frames(self) -> tuple[int, int]:
+        """`(frames per window, frames a window advances)` from `lm.max_duration` and `lm.extend_stride`."""
+        return (int(self.config.lm.max_duration * self.frame_rate),
+                int(self.config.lm.extend_stride * self.frame_rate))
+
+    def generate_windows(self, cond, mask, prompt_codes, frames: int, sampling: SamplingConfig, key, *,
+                         melody=None, melody_sample_rate: int = 32000, progress_every: int = 0):
+        """`[B, K, frames]` codes, and the codes of each window (`[B, K, W]`), generated window by window.
+
+        As audiocraft: window i starts `i * stride` frames in; its first `W - stride` frames are the previous
+        window's tail, kept as an audio prompt; the first window keeps the user's prompt. Every window has the
+        same length W (the last one is cut after generation, which a causal model allows), so at most two programs
+        compile: the first window and the prompted ones.
+        """
+        window, stride = self.window_frames()
+        total = frames
+        window = min(window, total)
+        pieces, windows = [prompt_codes], []
+        prompt, offset = prompt_codes, 0
+        while offset + prompt.shape[-1] < total:
+            chroma = None
+            if self.config.lm.conditioning == "prepend":
+                chroma = self._window_chroma(melody, melody_sample_rate, cond.shape[0], offset / self.frame_rate)
+            codes = generate_codes(self.params["lm"], cond, jnp.asarray(mask), jax.random.fold_in(key, offset),
+                                   prompt, lm_config=self.config.lm, frames=window, sampling=sampling,
+                                   chroma=chroma, progress_every=progress_every)
+            codes = np.asarray(jax.block_until_ready(codes))
+            windows.append(codes)
+            pieces.append(codes[:, :, prompt.shape[-1]:])
+            prompt = codes[:, :, stride:]
+            offset += stride
+        return np.concatenate(pieces, axis=-1)[:, :, :total], windows
+
+    def _check_melody(self, melody, batch: int):
+        if melody is None:
+            return None
+        if self.config.lm.conditioning != "prepend":
+            raise ValueError("melody conditioning needs a MusicGen-melody checkpoint; this model conditions on text "
+                             "only (lm.conditioning='cross')")
+        melody = np.asarray(melody, np.float32)
+        if melody.ndim == 2:
+            melody = melody[:, None]
+        if melody.ndim != 3 or melody.shape[0] != batch or melody.shape[-1] == 0:
+            raise ValueError(f"melody must be [batch={batch}, channels, samples] with samples > 0, got shape "
+                             f"{melody.shape}")
+        return melody
+
+    def _window_chroma(self, melody, melody_sample_rate: int, batch: int, start_seconds: float):
+        """Chroma `[B, chroma_length, 12]` for a window starting at `start_seconds`: the melody read cyclically from
+        that time on (audiocraft's re-indexing across windows), or the null melody."""
+        from mgjax.conditioning.chroma import match_frames, null_chroma, prepare_melody
+
+        length = self.config.lm.chroma_length
+        if melody is None:
+            return null_chroma(batch, length, self.config.lm.num_chroma)
+        samples = melody.shape[-1]
+        start = int(round(start_seconds * melody_sample_rate))
+        window_samples = min(samples, int(self.config.lm.max_duration * melody_sample_rate))
+        positions = (start + np.arange(window_samples)) % samples
+        return match_frames(prepare_melody(melody[..., positions], melody_sample_rate), length)
+
+    def _prompt_codes(self, prompt_audio, batch: int, frames: int) -> np.ndarray:
+        if prompt_audio is None:
+            return np.zeros((batch, self.config.lm.num_codebooks, 0), np.int32)
+        prompt_codes = np.asarray(self.encode(prompt_audio))
+        if prompt_codes.shape[0] != batch:
+            raise ValueError(f"prompt_audio has batch {prompt_codes.shape[0]} but there are {batch} prompts")
+        limit = min(frames, self.window_frames()[0])
+        if prompt_codes.shape[-1] >= limit:
+            raise ValueError(f"prompt_audio ({prompt_codes.shape[-1] / self.frame_rate:.2f} s) must be shorter than "
+                             f"the requested duration and the model's window ({limit / self.frame_rate:.2f} s)")
+        return prompt_codes

@@ -35,29 +35,12 @@ def match_channels(wav_CxN: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"cannot map {wav_CxN.shape[0]} audio channels to {channels}")
 
 
-def resample(wav: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
-    """Band-limited resampling of the last axis by FFT: `[..., N]` -> `[..., round(N * target / source)]`."""
-    if source_rate == target_rate:
-        return wav
-    if source_rate <= 0 or target_rate <= 0:
-        raise ValueError(f"sample rates must be positive, got {source_rate} -> {target_rate}")
-    length = wav.shape[-1]
-    new_length = max(1, int(round(length * target_rate / source_rate)))
-    spectrum = np.fft.rfft(wav.astype(np.float64), axis=-1)
-    bins = new_length // 2 + 1
-    if bins <= spectrum.shape[-1]:
-        spectrum = spectrum[..., :bins]
-    else:
-        spectrum = np.concatenate([spectrum, np.zeros(spectrum.shape[:-1] + (bins - spectrum.shape[-1],),
-                                                      spectrum.dtype)], axis=-1)
-    out = np.fft.irfft(spectrum, n=new_length, axis=-1) * (new_length / length)
-    return out.astype(np.float32)
-
-
 def load_audio(path: str, sample_rate: int, channels: int) -> np.ndarray:
     """A file as `[channels, N]` float32 at `sample_rate` (mixed down / resampled as needed)."""
+    from mgjax.conditioning.chroma import resample
+
     wav, rate = read_audio(path)
-    return resample(match_channels(wav, channels), rate, sample_rate)
+    return np.asarray(resample(match_channels(wav, channels), rate, sample_rate))
 
 
 def write_wav(path: str, wav_CxN: np.ndarray, sample_rate: int, fmt: str = "pcm16") -> str:

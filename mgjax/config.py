@@ -111,6 +111,8 @@ class LMConfig:
     remat: bool = False
     num_chroma: int = 12  # melody models: chroma bins projected and prepended
     chroma_length: int = 235  # melody models: number of chroma frames in the prefix
+    max_duration: float = 30.0  # seconds of the training window: longer generations go window by window
+    extend_stride: float = 18.0  # seconds a window advances; each new window is prompted with the rest
 
     @property
     def head_dim(self) -> int:
@@ -123,6 +125,9 @@ class LMConfig:
             raise ConfigError(f"lm.conditioning must be 'cross' or 'prepend', got {self.conditioning!r}")
         if self.pattern not in PATTERN_NAMES:
             raise ConfigError(f"unknown lm.pattern {self.pattern!r}; choose one of {', '.join(PATTERN_NAMES)}")
+        if not 0 < self.extend_stride < self.max_duration:
+            raise ConfigError(f"lm.extend_stride={self.extend_stride} must lie in (0, lm.max_duration="
+                              f"{self.max_duration})")
         if self.weight_format not in ("float32", "int8"):
             raise ConfigError(f"lm.weight_format must be 'float32' or 'int8', got {self.weight_format!r}")
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):

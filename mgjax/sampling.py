@@ -132,7 +132,13 @@ def write_masks(pattern: Pattern, frames: int, prompt_frames: int) -> tuple[np.n
 
 
 def _with_null_condition(x: Optional[Array]) -> Optional[Array]:
+    """Appends the null text condition: zero states, zero mask (as transformers and audiocraft build it)."""
     return None if x is None else jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
+
+
+def _with_null_chroma(chroma: Optional[Array]) -> Optional[Array]:
+    """Appends the null melody: a one-hot on bin 0 in every frame (transformers' encoding of "no melody")."""
+    return None if chroma is None else jnp.concatenate([chroma, jnp.zeros_like(chroma).at[..., 0].set(1)], axis=0)
 
 
 def generate_codes(lm_params, cond: Array, cond_mask: Array, key: Array, prompt_codes: Array, *,
@@ -166,8 +172,8 @@ def _generate_codes(lm_params, cond, cond_mask, key, prompt_codes, chroma, cfg_c
     variables = {"params": lm_params}
 
     if use_cfg:
-        cond, cond_mask, chroma = _with_null_condition(cond), _with_null_condition(cond_mask), \
-            _with_null_condition(chroma)
+        cond, cond_mask = _with_null_condition(cond), _with_null_condition(cond_mask)
+        chroma = _with_null_chroma(chroma)
     cache = lm.apply(variables, cond, cond_mask, chroma=chroma, max_length=num_steps, method=MusicGenLM.prefill)
 
     padded_prompt = jnp.concatenate(

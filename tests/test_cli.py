@@ -89,3 +89,10 @@ def test_convert_cli_refuses_foreign_directory(tmp_path):
     result = run("-m", "mgjax.convert", str(tmp_path), str(tmp_path / "out"), check=False)
     assert result.returncode == 2 and "neither a transformers checkpoint" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_sample_refuses_melody_for_a_text_only_model(converted, tmp_path):
+    melody = tmp_path / "melody.wav"
+    soundfile.write(melody, np.zeros(3200), 32000)
+    result = run("sample.py", "--checkpoint", str(converted), "--prompt", "x", "--melody", str(melody), check=False)
+    assert result.returncode == 2 and "MusicGen-melody" in result.stderr and "Traceback" not in result.stderr

@@ -25,9 +25,18 @@ def musicgen_config_from_hf(config: Mapping[str, Any]) -> MusicGenConfig:
         raise ConversionError(f"unsupported MusicGen config: {err}") from None
 
 
+def with_identity_text_projection(state: Mapping[str, np.ndarray], config: MusicGenConfig) -> Mapping:
+    """transformers leaves out `enc_to_dec_proj` when the text width equals the decoder width (identity)."""
+    if "enc_to_dec_proj.weight" in state or config.text.d_model != config.lm.dim:
+        return state
+    return dict(state, **{"enc_to_dec_proj.weight": np.eye(config.lm.dim, dtype=np.float32),
+                          "enc_to_dec_proj.bias": np.zeros(config.lm.dim, np.float32)})
+
+
 def convert_musicgen(config: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> tuple[MusicGenConfig, dict]:
     """`(MusicGenConfig, {'codec': ..., 'text': ..., 'lm': ...})` from a full transformers MusicGen state dict."""
     model_config = musicgen_config_from_hf(config)
+    state = with_identity_text_projection(state, model_config)
     try:
         params = {"codec": codec_params(state, model_config.codec, prefix="audio_encoder."),
                   "text": t5_params_from_hf(state, model_config.text, prefix="text_encoder."),

@@ -1,0 +1,100 @@
+"""Melody conditioning (greedy parity with transformers' MusicGen-melody) and generation beyond the window."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the PyTorch oracle needs torch (pip install -e .[test])")
+
+import mgjax  # noqa: E402
+from mgjax import sampling  # noqa: E402
+from mgjax.conditioning.chroma import prepare_melody  # noqa: E402
+from mgjax.config import load_config  # noqa: E402
+from helpers_tokenizer import build_test_tokenizer  # noqa: E402
+from oracle import musicgen_melody, reference_generate  # noqa: E402
+
+torch.set_num_threads(1)
+DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48, num_codebooks=4,
+               vocab_size=32)
+PROMPTS = ["calm piano melody in a minor key", "happy rock"]
+
+
+def chords(seconds: float, roots: list[float], rate: int = 32000) -> np.ndarray:
+    """`[len(roots), 1, N]`: a major triad on each root, with a little noise."""
+    t = np.arange(int(seconds * rate)) / rate
+    rng = np.random.default_rng(0)
+    wav = [sum(np.sin(2 * np.pi * root * ratio * t) for ratio in (1.0, 1.26, 1.5)) / 3 for root in roots]
+    return (np.stack(wav)[:, None] + 0.01 * rng.standard_normal((len(roots), 1, len(t)))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    model = musicgen_melody(DECODER, seed=5, chroma_length=40)
+    src = tmp_path_factory.mktemp("hf_melody")
+    model.save_pretrained(src)
+    build_test_tokenizer(str(src))
+    dst = tmp_path_factory.mktemp("mg_melody") / "ckpt"
+    mgjax.convert_checkpoint(str(src), str(dst))
+    from transformers import AutoTokenizer
+    return model, AutoTokenizer.from_pretrained(str(src)), mgjax.MusicGen.load(str(dst))
+
+
+@pytest.mark.parametrize("with_melody", [True, False])
+def test_greedy_melody_generation_matches_transformers(pair, with_melody):
+    model, tokenizer, mg = pair
+    assert mg.config.lm.conditioning == "prepend"
+    encoded = tokenizer(PROMPTS, padding="longest", return_tensors="np")
+    melody = chords(1.5, [220.0, 330.0])
+    kwargs = dict(do_sample=False, guidance_scale=3.0)
+    if with_melody:  # transformers' feature extractor needs torchaudio; the chroma itself is checked in test_chroma
+        kwargs["input_features"] = torch.from_numpy(np.array(prepare_melody(melody, 32000)))
+    frames = 9
+    ref_audio, ref_codes = reference_generate(model, encoded["input_ids"], encoded["attention_mask"], frames,
+                                              **kwargs)
+    out = mg.generate(PROMPTS, duration=frames / mg.frame_rate, greedy=True, cfg_coef=3.0,
+                      melody=melody if with_melody else None)
+    np.testing.assert_array_equal(out.codes, ref_codes)
+    assert np.abs(out.wav - ref_audio).max() <= 1e-3
+
+
+def test_melody_changes_the_output(pair):
+    _, _, mg = pair
+    a = mg.generate(PROMPTS, duration=0.2, greedy=True, melody=chords(1.0, [220.0, 220.0]))
+    b = mg.generate(PROMPTS, duration=0.2, greedy=True, melody=chords(1.0, [311.0, 311.0]))
+    assert not np.array_equal(a.codes, b.codes)
+
+
+def test_melody_on_a_text_only_model_is_refused():
+    mg = mgjax.MusicGen.from_config(load_config("tiny"))
+    with pytest.raises(ValueError, match="MusicGen-melody"):
+        mg.generate(input_ids=np.ones((1, 3), np.int32), duration=0.1, melody=np.zeros((1, 1, 3200), np.float32))
+
+
+@pytest.mark.parametrize("conditioning", ["cross", "prepend"])
+def test_long_generation_goes_window_by_window(conditioning):
+    """70 s with a 2 s window advancing 1 s: exactly 70 s out, every window prompted with the previous one's tail,
+    and only two compiled programs (the first window and the prompted ones)."""
+    config = load_config("tiny", ["lm.max_duration=2", "lm.extend_stride=1", f"lm.conditioning={conditioning}",
+                                  "lm.chroma_length=8", "lm.num_layers=1"])
+    mg = mgjax.MusicGen.from_config(config, seed=1)
+    ids, mask = np.array([[4, 8, 15, 16], [23, 42, 0, 0]], np.int32), np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+    cond = mg.encode_text(ids, mask)
+    window, stride = mg.window_frames()
+    melody = chords(3.0, [220.0, 262.0]) if conditioning == "prepend" else None
+    before = sampling._generate_codes._cache_size()
+    codes, windows = mg.generate_windows(cond, mask, np.zeros((2, 4, 0), np.int32), int(70 * mg.frame_rate),
+                                         sampling.SamplingConfig(top_k=10), jax_key(3), melody=melody)
+    assert sampling._generate_codes._cache_size() - before == 2
+    assert codes.shape == (2, 4, 70 * 50) and len(windows) == (70 * 50 - window) // stride + 1
+    for previous, current in zip(windows, windows[1:]):
+        np.testing.assert_array_equal(current[:, :, : window - stride], previous[:, :, stride:])
+    np.testing.assert_array_equal(codes[:, :, :window], windows[0])
+    np.testing.assert_array_equal(codes[:, :, -stride:], windows[-1][:, :, -stride:])
+
+    out = mg.generate(input_ids=ids, attention_mask=mask, duration=70.0, top_k=10, seed=3, melody=melody)
+    assert out.wav.shape == (2, 1, 70 * 32000)
+
+
+def jax_key(seed: int):
+    import jax
+    return jax.random.key(seed)
