@@ -202,8 +202,9 @@ class TrainCheckpointer:
 
     def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        self.save_every = max(1, int(save_every))
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(1, int(save_every)), max_to_keep=max(1, int(keep)), create=True,
+            save_interval_steps=1, max_to_keep=max(1, int(keep)), create=True,
             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         self.last_saved: int | None = None
@@ -218,12 +219,14 @@ class TrainCheckpointer:
     def save(self, step: int, state: Any, meta: Mapping[str, Any], *, force: bool = False) -> bool:
         """Starts writing `state` (+ JSON `meta`) for `step` if due (or `force`); True if a save started.
         A step that already has a checkpoint is not written again."""
-        if int(step) in self.manager.all_steps() or int(step) == self.last_saved:
+        step = int(step)
+        if not (force or step % self.save_every == 0) or step == self.last_saved or step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta)))
-        started = bool(self.manager.save(int(step), args=args, force=force))
+        # The interval is decided here: orbax's own policy would also save the very first step it is shown.
+        started = bool(self.manager.save(step, args=args, force=True))
         if started:
-            self.last_saved = int(step)
+            self.last_saved = step
         return started
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:

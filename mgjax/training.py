@@ -87,25 +87,24 @@ def init_text(config: MusicGenConfig, rng: jax.Array) -> Any:
     return text_encoder(config).init(rng, ids, jnp.ones((1, 1), jnp.int32))["params"]
 
 
-def make_init_fn(config: MusicGenConfig) -> Callable[[jax.Array], tuple[TrainState, dict]]:
-    """`rng -> (TrainState, frozen)` with boxed params, for `sharding.sharded_init`."""
+def make_init_fns(config: MusicGenConfig) -> tuple[Callable[[jax.Array], TrainState], Callable[[jax.Array], dict]]:
+    """(`rng -> TrainState`, `rng -> frozen`) with boxed params, for `sharding.sharded_initializer`. Two separate
+    programs, so each compiles only the initialisers it needs (T5 goes to exactly one of them)."""
     optimizer = make_optimizer(config.train)
+    trainable_text = config.train.train_text_encoder
 
-    def init(rng):
+    def init_state(rng):
         lm_rng, text_rng = jax.random.split(rng)
         params = {"lm": init_lm(config, lm_rng)}
-        text = init_text(config, text_rng)
-        frozen = {}
-        if config.train.train_text_encoder:
-            params["text"] = text
-        else:
-            frozen["text"] = text
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                           rng=jax.random.PRNGKey(config.train.seed),
-                           ema=params if config.train.ema_decay > 0 else None)
-        return state, frozen
+        if trainable_text:
+            params["text"] = init_text(config, text_rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng,
+                          ema=params if config.train.ema_decay > 0 else None)
 
-    return init
+    def init_frozen(rng):
+        return {} if trainable_text else {"text": init_text(config, jax.random.split(rng)[1])}
+
+    return init_state, init_frozen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,28 +121,58 @@ class Programs:
     abstract_frozen: Any
 
 
-@functools.lru_cache(maxsize=16)
+# TrainConfig fields that never reach a compiled program: runs differing only in these share their programs.
+_HOST_ONLY_FIELDS = ("seed", "segment_duration", "checkpoint_every", "keep_checkpoints", "log_every", "data_dir",
+                     "output_dir", "synthetic", "cache_dir", "tokenizer_dir", "max_text_tokens", "valid_fraction",
+                     "eval_every", "eval_batches", "pretrained", "finetune", "async_checkpointing", "tensorboard",
+                     "distributed", "coordinator_address", "num_processes", "process_id")
+
+
 def programs(config: MusicGenConfig, mesh: jax.sharding.Mesh) -> Programs:
     """Shardings from the logical axes of `jax.eval_shape(init)`, and the init/train/eval programs jitted with
     explicit in/out shardings (cached: a resumed or repeated run in the same process compiles nothing)."""
-    sharding_lib.check_batch_size(config.train.batch_size, mesh, config.train.grad_accum_steps)
-    init_fn = make_init_fn(config)
-    boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    state_sh, frozen_sh = sharding_lib.logical_shardings(boxed, mesh)
+    defaults = TrainConfig()
+    host_only = {name: getattr(defaults, name) for name in _HOST_ONLY_FIELDS}
+    return _programs(dataclasses.replace(config, train=dataclasses.replace(config.train, **host_only)), mesh)
+
+
+def _init_key(config: MusicGenConfig) -> MusicGenConfig:
+    """`config` with everything that does not shape the train state reset, so e.g. every pattern or compute dtype
+    shares one init program."""
+    lm = dataclasses.replace(config.lm, pattern="delay", pattern_delays=(), pattern_flattening=(),
+                             pattern_group_size=1, compute_dtype="float32", remat=False)
+    train = TrainConfig(train_text_encoder=config.train.train_text_encoder,
+                        ema_decay=0.5 if config.train.ema_decay > 0 else 0.0,
+                        grad_clip=1.0 if config.train.grad_clip > 0 else 0.0)
+    return dataclasses.replace(config, lm=lm, train=train)
+
+
+@functools.lru_cache(maxsize=16)
+def _init_programs(config: MusicGenConfig, mesh: jax.sharding.Mesh) -> dict:
+    rng = jax.random.PRNGKey(0)
+    init_state, state_sh = sharding_lib.sharded_initializer(make_init_fns(config)[0], mesh, rng)
+    init_frozen, frozen_sh = sharding_lib.sharded_initializer(make_init_fns(config)[1], mesh, rng)
     abstract_state, abstract_frozen = jax.tree.map(
-        lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh), nn.meta.unbox(boxed),
-        (state_sh, frozen_sh))
+        lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
+        (jax.eval_shape(init_state, rng), jax.eval_shape(init_frozen, rng)), (state_sh, frozen_sh))
+    return dict(init_state=init_state, init_frozen=init_frozen,
+                state_shardings=state_sh, frozen_shardings=frozen_sh, abstract_state=abstract_state,
+                abstract_frozen=abstract_frozen)
+
+
+@functools.lru_cache(maxsize=32)
+def _programs(config: MusicGenConfig, mesh: jax.sharding.Mesh) -> Programs:
+    sharding_lib.check_batch_size(config.train.batch_size, mesh, config.train.grad_accum_steps)
+    init = _init_programs(_init_key(config), mesh)
+    state_sh, frozen_sh = init["state_shardings"], init["frozen_shardings"]
     batch_sh, rep = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
     return Programs(
-        init_state=jax.jit(lambda r: nn.meta.unbox(init_fn(r)[0]), out_shardings=state_sh),
-        init_frozen=jax.jit(lambda r: nn.meta.unbox(init_fn(r)[1]), out_shardings=frozen_sh),
         train_step=jax.jit(lambda s, f, b: train_step(config, mesh, s, f, b),
                            in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, rep),
                            donate_argnums=0),
         eval_step=jax.jit(lambda p, f, b: eval_step(config, p, f, b),
                           in_shardings=(state_sh.params, frozen_sh, batch_sh), out_shardings=rep),
-        state_shardings=state_sh, frozen_shardings=frozen_sh, abstract_state=abstract_state,
-        abstract_frozen=abstract_frozen)
+        **init)
 
 
 def with_params(state: TrainState, params: dict) -> TrainState:
@@ -227,7 +256,7 @@ def train_step(config: MusicGenConfig, mesh: jax.sharding.Mesh, state: TrainStat
     ema = state.ema
     if ema is not None:
         ema = jax.tree.map(lambda e, p: train.ema_decay * e + (1.0 - train.ema_decay) * p, ema, params)
-    metrics = dict(aux, loss=loss, lr=learning_rate_schedule(train)(state.step), grad_norm=optax.global_norm(grads),
+    metrics = dict(aux, loss=loss, lr=learning_rate_schedule(train)(state.step), grad_norm=optax.tree.norm(grads),
                    cond_dropped=drop.astype(jnp.float32))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng, ema=ema), metrics
 
