@@ -136,6 +136,15 @@ def copy_bandwidth() -> float:
 
 
 def child(args) -> None:
+    if args.engine == "prepare":  # in a child too, so the parent's peak RSS (inherited by exec) stays small
+        import mgjax
+        build_source(args.shape, args.source)
+        mgjax.convert_checkpoint(args.source, args.checkpoint)
+        print("RESULT {}")
+        return
+    if args.engine == "bandwidth":
+        print("RESULT " + json.dumps({"gbps": copy_bandwidth()}))
+        return
     if args.engine == "torch":
         result = run_torch(args.source, args.batch, args.frames, args.threads)
     else:
@@ -144,9 +153,9 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def spawn(engine: str, source: str, checkpoint: str, batch: int, frames: int, threads: int) -> dict:
+def spawn(engine: str, source: str, checkpoint: str, batch: int, frames: int, threads: int, shape: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", engine, "--source", source, "--checkpoint",
-           checkpoint, "--batch", str(batch), "--frames", str(frames), "--threads", str(threads)]
+           checkpoint, "--batch", str(batch), "--frames", str(frames), "--threads", str(threads), "--shape", shape]
     out = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -163,13 +172,13 @@ def main() -> None:
     parser.add_argument("--source", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--shape", default="small", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         args.engine = args.child
         return child(args)
 
-    import mgjax
-    bandwidth = copy_bandwidth()
+    bandwidth = spawn("bandwidth", "", "", 1, args.frames, args.threads, "small")["gbps"]
     print(f"frames {args.frames} (+3 delay steps), CFG 3, top-k 250, threads {args.threads}; "
           f"copy bandwidth {bandwidth:.1f} GB/s (read + write)")
     print(f"{'row':9} {'engine':12} {'steps/s':>8} {'x torch':>8} {'compile s':>9} {'peak GB':>8} {'bw %':>6}  quality")
@@ -179,10 +188,9 @@ def main() -> None:
             _, batch = SHAPES[row]
             source, checkpoint = os.path.join(tmp, f"{row}-hf"), os.path.join(tmp, f"{row}-mg")
             if not os.path.isdir(source):
-                build_source(row, source)
-                mgjax.convert_checkpoint(source, checkpoint)
+                spawn("prepare", source, checkpoint, batch, args.frames, args.threads, row)
             steps = args.frames + 3
-            results = {engine: spawn(engine, source, checkpoint, batch, args.frames, args.threads)
+            results = {engine: spawn(engine, source, checkpoint, batch, args.frames, args.threads, row)
                        for engine in ("torch", "mgjax-float32", "mgjax-int8")}
             torch_rate = steps / results["torch"]["seconds"]
             for engine, result in results.items():
