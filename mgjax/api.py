@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mgjax import checkpoint
-from mgjax.codec.encodec import Codec, init_codec_params
+from mgjax.codec.encodec import Codec, EncodecModel
 from mgjax.config import ConfigError, MusicGenConfig, T5Config, from_dict
 from mgjax.lm.model import MusicGenLM
 from mgjax.sampling import SamplingConfig, generate_codes, progress_callback
@@ -27,24 +27,33 @@ class GenerationOutput:
     codes: np.ndarray
 
 
-def init_text_params(config: T5Config, seed: int = 0) -> dict:
+def boxed_init(config: MusicGenConfig, key: jax.Array) -> dict:
+    """`{'codec', 'text', 'lm'}` params as `init` returns them (logically partitioned boxes), unjitted."""
+    codec_key, text_key, lm_key = jax.random.split(key, 3)
+    wav = jnp.zeros((1, config.codec.hop_length * 2, config.codec.channels), jnp.float32)
     ids = jnp.zeros((1, 4), jnp.int32)
-    return nn.meta.unbox(jax.jit(T5Encoder(config).init)(jax.random.key(seed), ids, jnp.ones_like(ids))["params"])
-
-
-def init_lm_params(config: MusicGenConfig, seed: int = 0) -> dict:
-    lm = MusicGenLM(config.lm)
     codes = jnp.zeros((1, config.lm.num_codebooks, 2), jnp.int32)
     cond = jnp.zeros((1, 3, config.text.d_model), jnp.float32)
     chroma = jnp.zeros((1, 2, config.lm.num_chroma), jnp.float32) if config.lm.conditioning == "prepend" else None
-    init = functools.partial(lm.init, chroma=chroma)
-    return nn.meta.unbox(jax.jit(init)(jax.random.key(seed), codes, cond, jnp.ones((1, 3), bool))["params"])
+    return {"codec": EncodecModel(config.codec).init(codec_key, wav)["params"],
+            "text": T5Encoder(config.text).init(text_key, ids, jnp.ones_like(ids))["params"],
+            "lm": MusicGenLM(config.lm).init(lm_key, codes, cond, jnp.ones((1, 3), bool), chroma=chroma)["params"]}
 
 
 def init_params(config: MusicGenConfig, seed: int = 0) -> dict:
-    """Random `{'codec', 'text', 'lm'}` params for `config`."""
-    return {"codec": init_codec_params(config.codec, seed), "text": init_text_params(config.text, seed + 1),
-            "lm": init_lm_params(config, seed + 2)}
+    """Random `{'codec', 'text', 'lm'}` params (plain arrays) for `config`."""
+    return jax.jit(lambda key: nn.meta.unbox(boxed_init(config, key)))(jax.random.key(seed))
+
+
+def abstract_params(config: MusicGenConfig, mesh: Optional[jax.sharding.Mesh] = None) -> dict:
+    """The params' shapes and dtypes (`jax.ShapeDtypeStruct`), placed by the logical-axis rules on `mesh` if given."""
+    boxed = jax.eval_shape(functools.partial(boxed_init, config), jax.random.key(0))
+    abstract = nn.meta.unbox(boxed)
+    if mesh is None:
+        return abstract
+    from mgjax.sharding import logical_shardings
+    return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                        abstract, logical_shardings(boxed, mesh))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -67,10 +76,10 @@ class MusicGen:
         return cls(config, init_params(config, seed), tokenizer)
 
     @classmethod
-    def load(cls, directory: str, sharding: Optional[Callable[[Any], Any]] = None) -> "MusicGen":
+    def load(cls, directory: str, mesh: Optional[jax.sharding.Mesh] = None) -> "MusicGen":
         """Loads a converted checkpoint (`python -m mgjax.convert`); refuses one whose params do not match its
-        config, naming the first differing parameter. `sharding(abstract_leaf)` places each leaf (default: one
-        device)."""
+        config, naming the first differing parameter. With a `mesh`, every parameter is read straight into its
+        shards by the logical-axis rules of `sharding.py` (nothing is materialised whole on one device)."""
         meta = checkpoint.read_meta(directory)
         if meta["kind"] != "musicgen":
             raise checkpoint.CheckpointError(f"{directory} holds a {meta['kind']} checkpoint, not a MusicGen; "
@@ -79,8 +88,8 @@ class MusicGen:
             config = from_dict(checkpoint.read_config_dict(directory))
         except ConfigError as err:
             raise checkpoint.CheckpointError(f"{directory}/{checkpoint.CONFIG_FILE}: {err}") from None
-        abstract = jax.eval_shape(functools.partial(init_params, config))
-        params = checkpoint.restore_params(directory, abstract, sharding)
+        abstract = abstract_params(config, mesh)
+        params = checkpoint.restore_params(directory, abstract, (lambda leaf: leaf.sharding) if mesh else None)
         tokenizer = None
         tokenizer_dir = os.path.join(directory, checkpoint.TOKENIZER_DIR)
         if os.path.isdir(tokenizer_dir):

@@ -111,3 +111,32 @@ def test_existing_output_is_not_overwritten_unless_asked(source, converted):
         mgjax.convert_checkpoint(str(source), converted)
     assert mgjax.convert_checkpoint(str(source), converted, overwrite=True) == converted
     mgjax.MusicGen.load(converted)
+
+
+SHARDED_LOAD = """
+import sys
+import jax
+import numpy as np
+import mgjax
+from mgjax.sharding import make_mesh
+mesh = make_mesh((2, 2, 2))
+sharded = mgjax.MusicGen.load(sys.argv[1], mesh=mesh)
+plain = mgjax.MusicGen.load(sys.argv[1])
+fc1 = sharded.params["lm"]["layers"]["ffn"]["fc1"]
+assert len(jax.devices()) == 8 and fc1.sharding.mesh.shape == mesh.shape
+assert not fc1.sharding.is_fully_replicated, fc1.sharding
+shard_shapes = {s.data.shape for s in fc1.addressable_shards}
+assert shard_shapes == {(fc1.shape[0], fc1.shape[1] // 2, fc1.shape[2] // 2)}, shard_shapes
+for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(plain.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+print("OK")
+"""
+
+
+def test_load_straight_into_shards_on_a_mesh(converted):
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", SHARDED_LOAD, converted], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
