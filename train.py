@@ -183,7 +183,8 @@ def train_run(config: Any, *, synthetic: bool = False, steps: int | None = None,
         if checkpointer is not None:
             checkpointer.close()
     valid_loss = float(trainer.evaluate([valid.batch(i) for i in range(train.eval_batches)])["loss"]) if valid else None
-    return {"losses": losses, "valid_loss": valid_loss, "trainer": trainer}
+    return {"losses": losses, "valid_loss": valid_loss, "trainer": trainer,
+            "valid_batch": (valid or dataset).batch(0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,16 +231,37 @@ def decoding_steps_per_second(config: Any) -> float:
     return pattern_from_config(config.lm).steps(frames) / (frames / config.codec.frame_rate)
 
 
-def sampling_speed(trainer: Any) -> str:
-    """Generated audio seconds per wall second with `mgjax.sampling`, or 'n/a' when there is no sampler yet."""
+def sampling_speed(trainer: Any, local_batch: dict) -> str:
+    """Seconds of audio generated per wall-clock second by `mgjax.sampling` (CFG on, the batch's captions, one
+    segment), or 'n/a' when there is no sampler."""
     import importlib.util
 
     if importlib.util.find_spec("mgjax.sampling") is None:
         return "n/a"
     try:
-        from mgjax import sampling
-        measure = getattr(sampling, "benchmark_speed", None)
-        return "n/a" if measure is None else f"{measure(trainer.config, trainer.state.params, trainer.frozen):.2f}x"
+        import jax
+        import numpy as np
+
+        from mgjax import sampling, training
+
+        config = trainer.config
+        params, frozen = trainer.state.params, trainer.frozen
+        text = {"text_ids": local_batch["text_ids"], "text_mask": local_batch["text_mask"]}
+        cond, cond_mask = jax.jit(lambda p, f, b: training.text_condition(config, p, f, b))(params, frozen, text)
+        batch, frames = local_batch["codes"].shape[0], local_batch["codes"].shape[-1]
+        prompt = np.zeros((batch, config.lm.num_codebooks, 0), np.int32)
+        settings = sampling.SamplingConfig(top_k=min(250, config.lm.card))
+
+        def generate():
+            return jax.block_until_ready(sampling.generate_codes(
+                params["lm"], cond, cond_mask, jax.random.PRNGKey(0), prompt, lm_config=config.lm, frames=frames,
+                sampling=settings))
+
+        generate()  # compile
+        start = time.perf_counter()
+        generate()
+        elapsed = time.perf_counter() - start
+        return f"{batch * frames / config.codec.frame_rate / elapsed:.1f} s/s"
     except Exception as err:  # the sampler is developed elsewhere; a mismatch must not sink the table
         return f"n/a ({type(err).__name__})"
 
@@ -263,7 +285,8 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         losses = result["losses"]
         rows.append({"pattern": name, "steps_per_s_audio": decoding_steps_per_second(config),
                      "train_loss": float(sum(losses[-10:]) / max(len(losses[-10:]), 1)),
-                     "valid_loss": result["valid_loss"], "sampling_speed": sampling_speed(result["trainer"]),
+                     "valid_loss": result["valid_loss"],
+                     "sampling_speed": sampling_speed(result["trainer"], result["valid_batch"]),
                      "train_time_s": time.perf_counter() - start})
         print(f"{name}: train {rows[-1]['train_loss']:.4f} valid {rows[-1]['valid_loss']}", flush=True)
     table = format_table(rows)
@@ -277,8 +300,8 @@ def sweep(args: argparse.Namespace) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| pattern | decoding steps / s of audio | final train loss | final valid loss | sampling speed "
-            "| train time (s) |\n|---|---|---|---|---|---|")
+    head = ("| pattern | decoding steps / s of audio | final train loss | final valid loss | sampling speed (audio s "
+            "per s) | train time (s) |\n|---|---|---|---|---|---|")
     lines = [f"| {r['pattern']} | {r['steps_per_s_audio']:.1f} | {r['train_loss']:.4f} | "
              f"{'n/a' if r['valid_loss'] is None else format(r['valid_loss'], '.4f')} | {r['sampling_speed']} | "
              f"{r['train_time_s']:.1f} |" for r in rows]
