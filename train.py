@@ -113,7 +113,8 @@ def make_datasets(config: Any, synthetic: bool) -> tuple[Any, Any]:
     entries = data.scan_entries(train.data_dir)
     train_entries, valid_entries = data.split_valid(entries, train.valid_fraction)
     codec = load_codec(config)
-    cache = data.CodeCache(train.cache_dir or os.path.join(train.output_dir, "code_cache"), codec)
+    cache = data.CodeCache(train.cache_dir or os.path.join(train.output_dir, "code_cache"), codec,
+                           chroma=config.lm.conditioning == "prepend")
     tokenizer = load_tokenizer(config)
     dataset = data.AudioDataset(train_entries, cache, train, tokenizer=tokenizer)
     valid = data.AudioDataset(valid_entries, cache, train, tokenizer=tokenizer, stream=1) if valid_entries else None

@@ -16,6 +16,8 @@ global batch does not depend on the number of hosts. A batch (this host's rows, 
     mask       bool  [Bl, T]      True on real frames (False on the padding of files shorter than a segment)
     text_ids   int32 [Bl, L]      caption tokens, L = train.max_text_tokens (padded / truncated)
     text_mask  int32 [Bl, L]      1 on tokens; all 0 for an empty caption (the null condition)
+    chroma     float [Bl, F, 12]  melody models only (`CodeCache(chroma=True)`): one-hot chroma of the segment,
+                                  cut from the whole file's chroma (no demucs stem separation, unlike audiocraft)
 """
 from __future__ import annotations
 
@@ -204,41 +206,65 @@ def cache_key(path: str, codec_config: Any, codec_fingerprint: str = "", chunk: 
     return hashlib.sha1(payload.encode()).hexdigest()
 
 
-class CodeCache:
-    """Codes of audio files, encoded once with `codec` and stored as npz files in `directory`."""
+def melody_chroma(wav: np.ndarray, sample_rate: int, bucket: int) -> np.ndarray:
+    """`[C, N]` -> one-hot chroma `[F, 12]` of the whole file (mgjax.conditioning.chroma, 32 kHz, hop 4096).
 
-    def __init__(self, directory: str, codec: Any, chunk_seconds: float = 30.0):
+    The audio is zero padded to a multiple of `bucket` samples (one compiled STFT per bucket count, not per file
+    length) and the frames of the padding dropped; only the last frame or two see the padding.
+    """
+    from mgjax.conditioning import chroma as chroma_lib
+
+    mono = resample(wav.mean(axis=0, keepdims=True), sample_rate, chroma_lib.SAMPLE_RATE)[0]
+    frames = chroma_lib.num_frames(mono.size)
+    padded = np.pad(mono, (0, -mono.size % bucket))
+    return np.asarray(chroma_lib.chroma_features(padded[None]))[0, :frames].astype(np.float32)
+
+
+class CodeCache:
+    """Codes of audio files (and, with `chroma=True`, their melody chroma), computed once with `codec` and stored
+    as npz files in `directory`."""
+
+    def __init__(self, directory: str, codec: Any, chunk_seconds: float = 30.0, chroma: bool = False):
         self.directory = directory
         self.codec = codec
+        self.chroma = chroma
         hop = codec.config.hop_length
         self.chunk = max(1, int(round(chunk_seconds * codec.config.sample_rate / hop))) * hop
-        self.fingerprint = params_fingerprint(codec.params)
+        self.fingerprint = params_fingerprint(codec.params) + ("+chroma" if chroma else "")
         os.makedirs(directory, exist_ok=True)
 
     def path_for(self, audio_path: str) -> str:
         key = cache_key(audio_path, self.codec.config, self.fingerprint, self.chunk)
         return os.path.join(self.directory, key + ".npz")
 
-    def codes(self, entry: Entry) -> np.ndarray | None:
-        """int32 `[K, T]` codes of `entry`, or None (with a warning) if the file cannot be read or encoded."""
+    def features(self, entry: Entry) -> dict[str, np.ndarray] | None:
+        """`{'codes': int32 [K, T], ['chroma': float32 [F, 12]]}` of `entry`, or None (with a warning) if the file
+        cannot be read or encoded."""
         try:
             cached = self.path_for(entry.path)
             if os.path.isfile(cached):
                 try:
                     with np.load(cached) as stored:
-                        return stored["codes"]
+                        return {key: stored[key] for key in stored.files}
                 except (OSError, ValueError, KeyError):
                     pass  # a torn cache file: encode again
             config = self.codec.config
             wav = load_audio(entry.path, config.sample_rate, config.channels)
-            codes = encode_in_chunks(self.codec.encode, wav, self.chunk, config.hop_length)
+            out = {"codes": encode_in_chunks(self.codec.encode, wav, self.chunk, config.hop_length)}
+            if self.chroma:
+                out["chroma"] = melody_chroma(wav, config.sample_rate, self.chunk)
             tmp = cached + f".tmp-{os.getpid()}.npz"
-            np.savez(tmp, codes=codes)
+            np.savez(tmp, **out)
             os.replace(tmp, cached)  # atomic: concurrent hosts never read half a file
-            return codes
+            return out
         except Exception as err:  # any unreadable/corrupt file is skipped, never fatal
             warnings.warn(f"skipping {entry.path}: {type(err).__name__}: {err}")
             return None
+
+    def codes(self, entry: Entry) -> np.ndarray | None:
+        """int32 `[K, T]` codes of `entry`, or None (see `features`)."""
+        features = self.features(entry)
+        return None if features is None else features["codes"]
 
 
 # ----------------------------------------------------------------------------------------------- text
@@ -272,12 +298,25 @@ def row_rng(seed: int, step: int, row: int, stream: int = 0) -> np.random.Genera
     return np.random.default_rng([seed, stream, step, row])
 
 
-def crop(codes: np.ndarray, frames: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """codes `[K, T]` -> (a random window `[K, frames]` zero padded, mask `[frames]` bool)."""
+def crop(codes: np.ndarray, frames: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+    """codes `[K, T]` -> (a random window `[K, frames]` zero padded, mask `[frames]` bool, its first frame)."""
     start = int(rng.integers(0, max(codes.shape[-1] - frames, 0) + 1))
     window = codes[:, start:start + frames]
     mask = np.arange(frames) < window.shape[-1]
-    return np.pad(window, ((0, 0), (0, frames - window.shape[-1]))), mask
+    return np.pad(window, ((0, 0), (0, frames - window.shape[-1]))), mask, start
+
+
+def crop_chroma(chroma: np.ndarray, start_sample: int, num_samples: int) -> np.ndarray:
+    """The chroma frames `[F_seg, 12]` of a segment cut from a file's chroma `[F, 12]` (hop 4096 at 32 kHz); frames
+    past the end are the null melody (one-hot on bin 0, the chroma of silence)."""
+    from mgjax.conditioning import chroma as chroma_lib
+
+    count = chroma_lib.num_frames(num_samples)
+    first = int(round(start_sample / chroma_lib.HOP_LENGTH))
+    window = chroma[first:first + count]
+    pad = np.zeros((count - window.shape[0], chroma.shape[1]), np.float32)
+    pad[:, 0] = 1.0
+    return np.concatenate([window, pad])
 
 
 def local_rows(batch_size: int, process_index: int, process_count: int) -> range:
@@ -309,11 +348,13 @@ class AudioDataset:
             if missing:
                 raise DataError(f"{len(missing)} captions need a tokenizer (e.g. {missing[0]}): set train.pretrained "
                                 f"or train.tokenizer_dir, or give 'input_ids' in the sidecar/manifest")
-        self.items: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.chroma = cache.chroma
+        self.hop = cache.codec.config.hop_length * (32000 / cache.codec.config.sample_rate)  # in 32 kHz samples
+        self.items: list[tuple[dict, np.ndarray, np.ndarray]] = []
         for entry in mine:
-            codes = cache.codes(entry)
-            if codes is not None:
-                self.items.append((codes,) + caption_tokens(entry, tokenizer, train.max_text_tokens))
+            features = cache.features(entry)
+            if features is not None:
+                self.items.append((features,) + caption_tokens(entry, tokenizer, train.max_text_tokens))
         if not self.items:
             raise DataError(f"host {self.process_index}: none of its {len(mine)} audio files could be used "
                             f"(see the warnings above)")
@@ -323,13 +364,17 @@ class AudioDataset:
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This host's rows of the batch of `step`."""
-        rows = []
+        out: dict[str, list] = {"codes": [], "mask": [], "text_ids": [], "text_mask": []}
         for row in local_rows(self.train.batch_size, self.process_index, self.process_count):
             rng = row_rng(self.train.seed, step, row, self.stream)
-            codes, ids, ids_mask = self.items[int(rng.integers(len(self.items)))]
-            rows.append(crop(codes, self.frames, rng) + (ids, ids_mask))
-        codes, mask, ids, ids_mask = (np.stack(x) for x in zip(*rows))
-        return {"codes": codes, "mask": mask, "text_ids": ids, "text_mask": ids_mask}
+            features, ids, ids_mask = self.items[int(rng.integers(len(self.items)))]
+            codes, mask, start = crop(features["codes"], self.frames, rng)
+            for key, value in zip(out, (codes, mask, ids, ids_mask)):
+                out[key].append(value)
+            if self.chroma:
+                out.setdefault("chroma", []).append(
+                    crop_chroma(features["chroma"], int(start * self.hop), int(self.frames * self.hop)))
+        return {key: np.stack(values) for key, values in out.items()}
 
 
 class SyntheticDataset:

@@ -9,8 +9,8 @@ A batch (global arrays, batch dim sharded over ('data', 'fsdp')) holds
     text_ids int32 [B, L] + text_mask int32 [B, L] (run through T5) or cond float [B, L, Dc] + cond_mask [B, L]
     (precomputed T5 states), and optionally chroma float [B, F, 12] (melody models).
 
-One step: CFG condition dropout (drawn once per batch: the whole batch gets the null condition, zero states and
-zero mask) -> pattern.build(codes, special token = card, valid prefix) -> LM -> revert_logits -> per-codebook
+One step: CFG condition dropout (drawn once per batch: the whole batch gets the null condition, zero text states
+and zero mask, and the null melody, a one-hot on chroma bin 0) -> pattern.build(codes, special token = card, valid prefix) -> LM -> revert_logits -> per-codebook
 cross-entropy on positions that are both pattern-valid and real (padding mask) -> AdamW (warmup + cosine,
 global-norm clipping), gradients optionally accumulated over microbatches in a `lax.scan`.
 """
@@ -205,8 +205,9 @@ def pattern_loss(config: MusicGenConfig, pattern: Pattern, params: dict, frozen:
     timesteps = codes.shape[-1]
     cond, cond_mask = drop_condition(*text_condition(config, params, frozen, batch), drop)
     chroma = batch.get("chroma")
-    if chroma is not None:
-        chroma = jnp.where(drop, jnp.zeros_like(chroma), chroma)
+    if chroma is not None:  # the null melody is a one-hot on bin 0 (what the LM assumes when chroma is absent)
+        chroma = jnp.where(drop, jax.nn.one_hot(jnp.zeros(chroma.shape[:-1], jnp.int32), chroma.shape[-1],
+                                                dtype=chroma.dtype), chroma)
     seq = pattern.build(codes, special_token=lm.card, valid_only=True)  # [B, K, S]
     logits = MusicGenLM(lm).apply({"params": params["lm"]}, seq, cond, cond_mask, chroma=chroma)
     logits, valid = pattern.revert_logits(logits, timesteps=timesteps)  # [B, K, T, card], [K, T]

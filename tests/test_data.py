@@ -115,7 +115,7 @@ def test_dataset_skips_bad_files_and_caches_codes(folder, codec, tmp_path):
 
     warm = data.CodeCache(str(tmp_path / "cache"), Exploding(), chunk_seconds=1.0)
     again = data.AudioDataset(entries[:2], warm, CONFIG.train, process_index=0, process_count=1)
-    np.testing.assert_array_equal(again.items[0][0], codes["b.flac"])
+    np.testing.assert_array_equal(again.items[0][0]["codes"], codes["b.flac"])
 
     path = str(folder / "b.flac")
     key = data.cache_key(path, codec.config, "x")
@@ -194,3 +194,21 @@ def test_real_codec_end_to_end(folder, tmp_path):
     first_chunk = np.asarray(codec.encode(data.load_audio(entry.path, 32000)[None, :, :12800]))[0]
     np.testing.assert_array_equal(codes[:, :20], first_chunk)
     np.testing.assert_array_equal(cache.codes(entry), codes)  # from the cache file
+
+
+def test_melody_chroma_is_cached_and_cut_per_segment(folder, codec, tmp_path):
+    """Melody models get the one-hot chroma of each segment: a 330 Hz sine is an E (bin 4), 220 Hz an A (bin 9)."""
+    cache = data.CodeCache(str(tmp_path / "cache"), codec, chunk_seconds=1.0, chroma=True)
+    assert cache.path_for(str(folder / "b.flac")) != cache_for(tmp_path, codec).path_for(str(folder / "b.flac"))
+    entries = [data.Entry(str(folder / "sub" / "c.wav"), "", None, (3,)), data.Entry(str(folder / "b.flac"), "",
+                                                                                     None, (5,))]
+    features = cache.features(entries[0])
+    assert features["chroma"].shape == (7, 12)  # 1 + 25600 // 4096 frames
+    assert np.all(features["chroma"].sum(-1) == 1) and np.argmax(features["chroma"][2]) == 4
+    dataset = data.AudioDataset(entries, cache, CONFIG.train, process_index=0, process_count=1)
+    batch = dataset.batch(0)
+    assert batch["chroma"].shape == (4, 5, 12)  # 1 + max(16000, n_fft=16384) // 4096 frames for 0.5 s
+    for row in range(4):
+        expected = 4 if batch["text_ids"][row, 0] == 3 else 9
+        assert np.argmax(batch["chroma"][row, 1]) == expected
+    assert data.crop_chroma(features["chroma"], 32000 * 10, 16000)[:, 0].all()  # past the end: null melody

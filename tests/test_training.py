@@ -192,3 +192,21 @@ def test_cli_reports_bad_config_and_missing_data(mesh, tmp_path, capsys):
     assert cli.main(["--config", "train-tiny", f"train.data_dir={tmp_path}/nowhere",
                      f"train.output_dir={tmp_path}/out"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_melody_model_trains_on_chroma_and_cfg_nulls_the_melody(mesh):
+    """Prepend conditioning: the batch's chroma reaches the LM; CFG dropout swaps it for the null melody (one-hot
+    on bin 0), so with the condition dropped any chroma gives the same loss as the null one."""
+    config = tiny("lm.conditioning=prepend", "lm.chroma_length=8")
+    prog = training.programs(config, mesh)
+    state, frozen = prog.init_state(jax.random.PRNGKey(0)), prog.init_frozen(jax.random.PRNGKey(0))
+    local = synthetic(config).batch(0)
+    rng = np.random.default_rng(0)
+    chroma = np.eye(12, dtype=np.float32)[rng.integers(0, 12, (8, 5))]
+    null = np.eye(12, dtype=np.float32)[np.zeros((8, 5), int)]
+    pattern = training.pattern_from_config(config.lm)
+    loss = jax.jit(lambda b, d: training.pattern_loss(config, pattern, state.params, frozen, b, d)[0])
+    with_melody = sharding.global_batch(dict(local, chroma=chroma), mesh)
+    with_null = sharding.global_batch(dict(local, chroma=null), mesh)
+    assert float(loss(with_melody, False)) != float(loss(with_null, False))
+    assert float(loss(with_melody, True)) == float(loss(with_null, True))
