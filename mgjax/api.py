@@ -32,12 +32,21 @@ def boxed_init(config: MusicGenConfig, key: jax.Array) -> dict:
     codec_key, text_key, lm_key = jax.random.split(key, 3)
     wav = jnp.zeros((1, config.codec.hop_length * 2, config.codec.channels), jnp.float32)
     ids = jnp.zeros((1, 4), jnp.int32)
+    return {"codec": EncodecModel(config.codec).init(codec_key, wav)["params"],
+            "text": T5Encoder(config.text).init(text_key, ids, jnp.ones_like(ids))["params"],
+            "lm": boxed_lm_init(config, lm_key)}
+
+
+def boxed_lm_init(config: MusicGenConfig, key: jax.Array) -> dict:
     codes = jnp.zeros((1, config.lm.num_codebooks, 2), jnp.int32)
     cond = jnp.zeros((1, 3, config.text.d_model), jnp.float32)
     chroma = jnp.zeros((1, 2, config.lm.num_chroma), jnp.float32) if config.lm.conditioning == "prepend" else None
-    return {"codec": EncodecModel(config.codec).init(codec_key, wav)["params"],
-            "text": T5Encoder(config.text).init(text_key, ids, jnp.ones_like(ids))["params"],
-            "lm": MusicGenLM(config.lm).init(lm_key, codes, cond, jnp.ones((1, 3), bool), chroma=chroma)["params"]}
+    return MusicGenLM(config.lm).init(key, codes, cond, jnp.ones((1, 3), bool), chroma=chroma)["params"]
+
+
+def init_lm_params(config: MusicGenConfig, seed: int = 0) -> dict:
+    """Random LM params alone (plain arrays): the codec and T5 are not built."""
+    return jax.jit(lambda key: nn.meta.unbox(boxed_lm_init(config, key)))(jax.random.key(seed))
 
 
 def init_params(config: MusicGenConfig, seed: int = 0) -> dict:

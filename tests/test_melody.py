@@ -1,6 +1,8 @@
 """Melody conditioning (greedy parity with transformers' MusicGen-melody) and generation beyond the window."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -65,34 +67,48 @@ def test_melody_changes_the_output(pair):
 
 
 def test_melody_on_a_text_only_model_is_refused():
-    mg = mgjax.MusicGen.from_config(load_config("tiny"))
+    mg = long_form_model("cross")
     with pytest.raises(ValueError, match="MusicGen-melody"):
         mg.generate(input_ids=np.ones((1, 3), np.int32), duration=0.1, melody=np.zeros((1, 1, 3200), np.float32))
 
 
 @pytest.mark.parametrize("conditioning", ["cross", "prepend"])
 def test_long_generation_goes_window_by_window(conditioning):
-    """70 s with a 2 s window advancing 1 s: exactly 70 s out, every window prompted with the previous one's tail,
-    and only two compiled programs (the first window and the prompted ones)."""
-    config = load_config("tiny", ["lm.max_duration=2", "lm.extend_stride=1", f"lm.conditioning={conditioning}",
-                                  "lm.chroma_length=8", "lm.num_layers=1"])
-    mg = mgjax.MusicGen.from_config(config, seed=1)
+    """A 2 s window advancing 1 s: every window is prompted with the previous one's tail, the melody is read on
+    from each window's start, and only two programs compile (the first window and the prompted ones)."""
+    mg = long_form_model(conditioning)
     ids, mask = np.array([[4, 8, 15, 16], [23, 42, 0, 0]], np.int32), np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
     cond = mg.encode_text(ids, mask)
     window, stride = mg.window_frames()
     melody = chords(3.0, [220.0, 262.0]) if conditioning == "prepend" else None
+    frames = int(9.5 * mg.frame_rate)  # not a whole number of strides: the last window is cut
     before = sampling._generate_codes._cache_size()
-    codes, windows = mg.generate_windows(cond, mask, np.zeros((2, 4, 0), np.int32), int(70 * mg.frame_rate),
+    codes, windows = mg.generate_windows(cond, mask, np.zeros((2, 4, 0), np.int32), frames,
                                          sampling.SamplingConfig(top_k=10), jax_key(3), melody=melody)
     assert sampling._generate_codes._cache_size() - before == 2
-    assert codes.shape == (2, 4, 70 * 50) and len(windows) == (70 * 50 - window) // stride + 1
+    assert codes.shape == (2, 4, frames) and len(windows) == -(-(frames - window) // stride) + 1
     for previous, current in zip(windows, windows[1:]):
         np.testing.assert_array_equal(current[:, :, : window - stride], previous[:, :, stride:])
     np.testing.assert_array_equal(codes[:, :, :window], windows[0])
-    np.testing.assert_array_equal(codes[:, :, -stride:], windows[-1][:, :, -stride:])
+    tail = frames - (len(windows) - 1) * stride
+    np.testing.assert_array_equal(codes[:, :, -(tail - (window - stride)):],
+                                  windows[-1][:, :, window - stride: tail])
+    if melody is not None:  # the melody is re-indexed: windows 1 s apart see different chroma
+        first, second = (np.asarray(mg._window_chroma(melody, 32000, 2, t)) for t in (0.0, 1.0))
+        assert not np.array_equal(first, second)
 
-    out = mg.generate(input_ids=ids, attention_mask=mask, duration=70.0, top_k=10, seed=3, melody=melody)
-    assert out.wav.shape == (2, 1, 70 * 32000)
+
+def test_seventy_seconds_is_exactly_seventy_seconds():
+    mg = long_form_model("cross")
+    out = mg.generate(input_ids=np.array([[4, 8, 15]], np.int32), duration=70.0, top_k=10, seed=3)
+    assert out.wav.shape == (1, 1, 70 * 32000) and out.codes.shape == (1, 4, 70 * 50)
+
+
+@functools.lru_cache(maxsize=2)
+def long_form_model(conditioning: str):
+    config = load_config("tiny", ["lm.max_duration=2", "lm.extend_stride=1", f"lm.conditioning={conditioning}",
+                                  "lm.chroma_length=8", "lm.num_layers=1"])
+    return mgjax.MusicGen.from_config(config, seed=1)
 
 
 def jax_key(seed: int):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,13 @@ PATTERNS = [("delay", []), ("parallel", []), ("unroll", []), ("unroll", ["lm.pat
 
 def tiny_model(overrides=()):
     config = load_config("tiny", ["lm.dim=48", "lm.num_heads=4", "lm.ffn_dim=64", *overrides])
-    return mgjax.MusicGen.from_config(config, seed=0)
+    return mgjax.MusicGen(config, dict(base_params(), lm=mgjax.api.init_lm_params(config)))
+
+
+@functools.lru_cache(maxsize=1)
+def base_params():
+    """Codec and T5 params of the tiny config, shared: only the LM differs between these tests."""
+    return mgjax.api.init_params(load_config("tiny", ["lm.dim=48", "lm.num_heads=4", "lm.ffn_dim=64"]))
 
 
 def perturbed(params, scale=0.5):
@@ -45,8 +52,8 @@ def test_greedy_generation_is_the_argmax_of_the_teacher_forced_model(name, overr
     special = mg.config.lm.card
     seq = np.asarray(pattern.build(out.codes, special))
     cond = mg.encode_text(ids, mask)
-    logits = np.asarray(MusicGenLM(mg.config.lm).apply({"params": mg.params["lm"]}, jnp.asarray(seq), cond,
-                                                       jnp.asarray(mask, bool)))
+    logits = np.asarray(jax.jit(MusicGenLM(mg.config.lm).apply)({"params": mg.params["lm"]}, jnp.asarray(seq), cond,
+                                                                jnp.asarray(mask, bool)))
     step_map = pattern.step_map(frames)
     valid_k, valid_s = np.nonzero(step_map >= 0)
     assert len(valid_k) == mg.config.lm.num_codebooks * frames
@@ -66,8 +73,8 @@ def test_int8_weights_track_float32():
     codes = jax.random.randint(jax.random.key(1), (2, 4, 16), 0, mg.config.lm.card)
     cond = jax.random.normal(jax.random.key(2), (2, 5, mg.config.text.d_model))
     cond_mask = jnp.ones((2, 5), bool)
-    full = MusicGenLM(mg.config.lm).apply({"params": lm_params}, codes, cond, cond_mask)
-    quant = MusicGenLM(int8_config).apply({"params": int8_params}, codes, cond, cond_mask)
+    full = jax.jit(MusicGenLM(mg.config.lm).apply)({"params": lm_params}, codes, cond, cond_mask)
+    quant = jax.jit(MusicGenLM(int8_config).apply)({"params": int8_params}, codes, cond, cond_mask)
     relative = float(jnp.abs(full - quant).max() / full.std())
     assert relative < 0.1, relative  # per-channel int8: a few percent of the logits' spread
     assert float((full.argmax(-1) == quant.argmax(-1)).mean()) > 0.9
