@@ -1,0 +1,1 @@
+"""Evaluation of the demo model: attribute estimators (`attributes`) and prompt-adherence measurement."""
