@@ -178,7 +178,9 @@ def _programs(config: MusicGenConfig, mesh: jax.sharding.Mesh) -> Programs:
 def with_params(state: TrainState, params: dict) -> TrainState:
     """`state` with (pretrained) `params` replacing the same top-level keys, EMA restarted from them."""
     merged = dict(state.params, **params)
-    return state.replace(params=merged, ema=merged if state.ema is not None else None)
+    # The EMA gets its own buffers: the train step donates the state, and one buffer cannot be donated twice.
+    ema = jax.tree.map(jnp.copy, merged) if state.ema is not None else None
+    return state.replace(params=merged, ema=ema)
 
 
 # ----------------------------------------------------------------------------------------------- loss

@@ -46,8 +46,8 @@ def max_abs_diff(a, b) -> float:
 
 
 def test_loss_falls_on_synthetic_data(mesh):
-    """From ~log(card) = 4.16 to below 1.0 within 300 steps (measured: about 0.1)."""
-    config = tiny("train.total_steps=300", "train.warmup_steps=10", "train.segment_duration=1.0")
+    """From ~log(card) = 4.16 to below 1.0 within 300 steps (measured: 4.15 -> 0.06, valid 0.06)."""
+    config = tiny("train.total_steps=300", "train.warmup_steps=10")
     trainer = training.Trainer.create(config, mesh)
     losses = training.fit(trainer, synthetic(config))
     assert len(losses) == 300
@@ -86,12 +86,15 @@ def test_kill_and_resume_equals_uninterrupted(mesh, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_every_pattern_trains_through_the_same_path(mesh, name):
+    """Only lm.pattern changes. One variant also computes in bfloat16 (float32 master params must stay)."""
     extra = ["lm.pattern_group_size=2"] if name == "musiclm" else []
+    extra += ["lm.compute_dtype=bfloat16"] if name == "parallel" else []
     config = tiny(f"lm.pattern={name}", *extra)
     trainer = training.Trainer.create(config, mesh)
     losses = training.fit(trainer, synthetic(config))
     assert all(np.isfinite(losses))
     assert np.mean(losses[-2:]) < losses[0] - 0.05, losses
+    assert {x.dtype for x in jax.tree.leaves(trainer.state.params)} == {jnp.dtype(jnp.float32)}
 
 
 def test_grad_accumulation_matches_one_big_batch(mesh):
@@ -145,14 +148,6 @@ def test_text_encoder_is_frozen_unless_asked(mesh):
     before = host(trainer.state.params["text"])
     training.fit(trainer, synthetic(trainable), until=2)
     assert max_abs_diff(trainer.state.params["text"], before) > 0
-
-
-def test_bf16_compute_keeps_float32_master_params(mesh):
-    config = tiny("lm.compute_dtype=bfloat16")
-    trainer = training.Trainer.create(config, mesh)
-    losses = training.fit(trainer, synthetic(config), until=3)
-    assert all(np.isfinite(losses))
-    assert {x.dtype for x in jax.tree.leaves(trainer.state.params)} == {jnp.dtype(jnp.float32)}
 
 
 def test_warmup_cosine_schedule():
@@ -210,3 +205,23 @@ def test_melody_model_trains_on_chroma_and_cfg_nulls_the_melody(mesh):
     with_null = sharding.global_batch(dict(local, chroma=null), mesh)
     assert float(loss(with_melody, False)) != float(loss(with_null, False))
     assert float(loss(with_melody, True)) == float(loss(with_null, True))
+
+
+def test_pretrained_checkpoint_supplies_t5_and_finetuned_lm(mesh, tmp_path):
+    """`train.pretrained` (a converted checkpoint): T5 always comes from it; the LM too with `train.finetune`."""
+    from mgjax.codec.encodec import init_codec_params
+
+    base = tiny()
+    prog = training.programs(base, mesh)
+    rng = jax.random.PRNGKey(42)  # other values than the run's own init (seed 0)
+    lm, text = prog.init_state(rng).params["lm"], prog.init_frozen(rng)["text"]
+    codec = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(lambda: init_codec_params(base.codec)))
+    directory = str(tmp_path / "pretrained")
+    checkpoint.save(directory, "musicgen", {}, {"codec": codec, "text": host(text), "lm": host(lm)})
+
+    fresh = training.Trainer.create(tiny(f"train.pretrained={directory}"), mesh)
+    assert max_abs_diff(fresh.frozen["text"], text) == 0 and max_abs_diff(fresh.state.params["lm"], lm) > 0
+    tuned = training.Trainer.create(tiny(f"train.pretrained={directory}", "train.finetune=true"), mesh)
+    assert max_abs_diff(tuned.state.params["lm"], lm) == 0 and max_abs_diff(tuned.state.ema["lm"], lm) == 0
+    losses = training.fit(tuned, synthetic(base), until=1)
+    assert np.isfinite(losses[0])
