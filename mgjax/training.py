@@ -10,9 +10,10 @@ A batch (global arrays, batch dim sharded over ('data', 'fsdp')) holds
     (precomputed T5 states), and optionally chroma float [B, F, 12] (melody models).
 
 One step: CFG condition dropout (drawn once per batch: the whole batch gets the null condition, zero text states
-and zero mask, and the null melody, a one-hot on chroma bin 0) -> pattern.build(codes, special token = card, valid prefix) -> LM -> revert_logits -> per-codebook
-cross-entropy on positions that are both pattern-valid and real (padding mask) -> AdamW (warmup + cosine,
-global-norm clipping), gradients optionally accumulated over microbatches in a `lax.scan`.
+and zero mask, and the null melody, a one-hot on chroma bin 0) -> pattern.build(codes, special token = card,
+valid prefix) -> LM -> revert_logits -> per-codebook cross-entropy on positions that are both pattern-valid and
+real (padding mask) -> AdamW (warmup + cosine, global-norm clipping), gradients optionally accumulated over
+microbatches in a `lax.scan`.
 """
 from __future__ import annotations
 
@@ -230,7 +231,11 @@ def _microbatches(batch: Batch, steps: int, mesh: jax.sharding.Mesh) -> Batch:
 
 def loss_and_grads(config: MusicGenConfig, pattern: Pattern, mesh: jax.sharding.Mesh, params: dict, frozen: dict,
                    batch: Batch, drop: jax.Array) -> tuple[jax.Array, dict, dict]:
-    """(loss, aux, grads), averaged over `train.grad_accum_steps` microbatches run in a `lax.scan`."""
+    """(loss, aux, grads), averaged over `train.grad_accum_steps` microbatches run in a `lax.scan`.
+
+    Every microbatch weighs the same, so this is the full-batch gradient when the microbatches hold equally many
+    valid targets (always, without padding); the condition dropout `drop` is shared by all of them.
+    """
     grad_fn = jax.value_and_grad(lambda p, b: pattern_loss(config, pattern, p, frozen, b, drop), has_aux=True)
     steps = config.train.grad_accum_steps
     if steps <= 1:
