@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.batch_size=16")
     parser.add_argument("--synthetic", action="store_true", help="train on generated codes (no audio)")
     parser.add_argument("--steps", type=int, default=None, help="stop after this step (default train.total_steps)")
-    parser.add_argument("--fresh", action="store_true", help="start over even if checkpoints exist")
+    parser.add_argument("--fresh", action="store_true",
+                        help="never resume: fail if <output_dir>/checkpoints already holds checkpoints")
     parser.add_argument("--sweep", default=None, help="a sweep YAML: train every variant, print a table")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-step logs")
     args = parser.parse_args(argv)
@@ -117,7 +118,11 @@ def make_datasets(config: Any, synthetic: bool) -> tuple[Any, Any]:
                            chroma=config.lm.conditioning == "prepend")
     tokenizer = load_tokenizer(config)
     dataset = data.AudioDataset(train_entries, cache, train, tokenizer=tokenizer)
-    valid = data.AudioDataset(valid_entries, cache, train, tokenizer=tokenizer, stream=1) if valid_entries else None
+    # Few held-out files: every host reads all of them (each host must take part in every eval step).
+    import jax
+    valid = (data.AudioDataset(valid_entries, cache, train, tokenizer=tokenizer, stream=1,
+                               shard_files=len(valid_entries) >= 4 * jax.process_count())
+             if valid_entries else None)
     return dataset, valid
 
 

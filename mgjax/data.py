@@ -338,11 +338,13 @@ class AudioDataset:
     """Cached codes of this host's files, and their batches (see the module docstring)."""
 
     def __init__(self, entries: Sequence[Entry], cache: CodeCache, train: TrainConfig, *, tokenizer: Any = None,
-                 process_index: int | None = None, process_count: int | None = None, stream: int = 0):
+                 process_index: int | None = None, process_count: int | None = None, stream: int = 0,
+                 shard_files: bool = True):
+        """`shard_files=False`: every host reads every file (small sets, e.g. validation); rows stay per host."""
         self.train, self.tokenizer, self.stream = train, tokenizer, stream
         self.process_index, self.process_count = _host(process_index, process_count)
         self.frames = int(round(train.segment_duration * cache.codec.config.frame_rate))
-        mine = shard_entries(entries, self.process_index, self.process_count)
+        mine = shard_entries(entries, self.process_index, self.process_count) if shard_files else list(entries)
         if tokenizer is None:
             missing = [e.path for e in mine if e.description and e.input_ids is None]
             if missing:

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mgjax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -39,19 +41,19 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 
 def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
     """`(data, fsdp, tensor)` with at most one -1 (the devices left over) -> concrete sizes whose product is
-    `num_devices`, or a ValueError that says how to fix the shape."""
+    `num_devices`, or a `ConfigError` (a ValueError) that says how to fix the shape."""
     shape = tuple(int(s) for s in mesh_shape)
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"train.mesh_shape needs {len(MESH_AXES)} entries {MESH_AXES}, got {list(shape)}")
+        raise ConfigError(f"train.mesh_shape needs {len(MESH_AXES)} entries {MESH_AXES}, got {list(shape)}")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"train.mesh_shape entries must be positive, with at most one -1; got {list(shape)}")
+        raise ConfigError(f"train.mesh_shape entries must be positive, with at most one -1; got {list(shape)}")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(f"train.mesh_shape={list(shape)}: {num_devices} devices are not divisible by {known}")
+            raise ConfigError(f"train.mesh_shape={list(shape)}: {num_devices} devices are not divisible by {known}")
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
-        raise ValueError(f"train.mesh_shape={list(shape)} needs {math.prod(shape)} devices, but {num_devices} are "
+        raise ConfigError(f"train.mesh_shape={list(shape)} needs {math.prod(shape)} devices, but {num_devices} are "
                          f"available; use -1 for one axis to take the rest")
     return shape  # type: ignore[return-value]
 
@@ -148,7 +150,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> 
     """The global batch must split evenly over the data-parallel devices (per microbatch)."""
     shards = _axis_size(mesh, BATCH_AXES)
     if batch_size % grad_accum_steps or (batch_size // grad_accum_steps) % shards:
-        raise ValueError(f"train.batch_size={batch_size} with grad_accum_steps={grad_accum_steps} gives microbatches "
+        raise ConfigError(f"train.batch_size={batch_size} with grad_accum_steps={grad_accum_steps} gives microbatches "
                          f"of {batch_size / grad_accum_steps:g}, which must be a multiple of data*fsdp={shards} "
                          f"(mesh {dict(mesh.shape)})")
 
