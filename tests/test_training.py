@@ -99,24 +99,22 @@ def test_every_pattern_trains_through_the_same_path(mesh, name):
 
 def test_grad_accumulation_matches_one_big_batch(mesh):
     """With no padding every microbatch has the same number of valid targets, so the mean of microbatch
-    gradients is the full-batch gradient."""
+    gradients is the full-batch gradient: one step with 4 microbatches = one step on the whole batch."""
     one, four = tiny(), tiny("train.grad_accum_steps=4")
-    state, frozen = training.programs(one, mesh).init_state(jax.random.PRNGKey(0)), None
-    frozen = training.programs(one, mesh).init_frozen(jax.random.PRNGKey(0))
-    batch = synthetic(one).batch(0)
-    batch["mask"][:] = True
-    batch = sharding.global_batch(batch, mesh)
-    pattern = training.pattern_from_config(one.lm)
-
-    def grads(config):
-        fn = lambda p, f, b: training.loss_and_grads(config, pattern, mesh, p, f, b, jnp.asarray(False))
-        return jax.jit(fn)(state.params, frozen, batch)
-
-    loss1, aux1, g1 = grads(one)
-    loss4, aux4, g4 = grads(four)
-    np.testing.assert_allclose(loss1, loss4, atol=1e-6)
-    assert float(aux1["tokens"]) == float(aux4["tokens"])
-    assert max_abs_diff(g1, g4) <= 1e-6
+    local = synthetic(one).batch(0)
+    local["mask"][:] = True
+    batch = sharding.global_batch(local, mesh)
+    results = []
+    for config in (one, four):
+        prog = training.programs(config, mesh)
+        state, frozen = prog.init_state(jax.random.PRNGKey(0)), prog.init_frozen(jax.random.PRNGKey(0))
+        results.append(prog.train_step(state, frozen, batch))
+    (state1, metrics1), (state4, metrics4) = results
+    np.testing.assert_allclose(metrics1["loss"], metrics4["loss"], atol=1e-6)
+    np.testing.assert_allclose(metrics1["grad_norm"], metrics4["grad_norm"], rtol=1e-5)
+    assert float(metrics1["tokens"]) == float(metrics4["tokens"])
+    # Adam's first update is ~lr * g / |g|: float noise on near-zero gradients shows at ~1e-6 (lr is 3e-3)
+    assert max_abs_diff(state1.params, state4.params) <= 1e-5
 
 
 def test_cfg_dropout_gives_the_null_condition_to_the_whole_batch(mesh):
