@@ -17,7 +17,6 @@ import tempfile
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 
@@ -60,7 +59,8 @@ def atomic_directory(dst_dir: str, overwrite: bool = False) -> Iterator[str]:
 
 
 def _as_jax_arrays(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x, dtype=np.asarray(x).dtype)), tree)
+    """Numpy leaves -> jax arrays, so Orbax records a sharding that restores onto devices."""
+    return jax.tree.map(jax.numpy.asarray, tree)
 
 
 def save(dst_dir: str, kind: str, config_dict: Mapping[str, Any], params: Mapping[str, Any], *,

@@ -23,7 +23,6 @@ import time
 from typing import Any, Callable, Sequence
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
