@@ -289,13 +289,16 @@ def kmeans(x_NxD: jax.Array, num_clusters: int, iters: int, key: jax.Array) -> t
     return means, assign(means)[1]
 
 
-def init_vq(z_NxD: jax.Array, key: jax.Array, codec: CodecConfig, train: CodecTrainConfig) -> VQState:
-    """Codebooks from k-means on encoder outputs `z [N, D]`: layer k on the residual left by layers < k."""
+def init_vq(z_NxD: jax.Array, key: jax.Array, codec: CodecConfig, train: CodecTrainConfig, batches: int = 1
+            ) -> VQState:
+    """Codebooks from k-means on encoder outputs `z [N, D]` of `batches` training batches: layer k on the residual
+    left by layers < k. Cluster sizes start at the k-means counts per batch (the scale of the EMA counts)."""
     def layer(residual, layer_key):
         means, counts = kmeans(residual, codec.codebook_size, train.kmeans_iters, layer_key)
         return residual - means[nearest_codeword(residual, means)], (means, counts)
 
     _, (codebooks, counts) = jax.lax.scan(layer, z_NxD.astype(jnp.float32), jax.random.split(key, codec.n_q))
+    counts = counts / batches
     return VQState(codebooks=codebooks, cluster_size=counts, embed_avg=codebooks * counts[..., None])
 
 
@@ -338,13 +341,15 @@ def _model(codec: CodecConfig) -> EncodecModel:
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def init_state(codec: CodecConfig, train: CodecTrainConfig, init_wav_BxNxC: jax.Array) -> CodecTrainState:
-    """Random encoder/decoder (from `train.seed`), codebooks by k-means on their outputs for `init_wav`."""
+    """Random encoder/decoder (from `train.seed`), codebooks by k-means on their outputs for `init_wav` `[B, N, C]`
+    (cluster sizes scaled to one training batch of `batch_size` segments)."""
     rng = jax.random.key_data(jax.random.key(train.seed))
     vq_key = jax.random.split(jax.random.wrap_key_data(rng))[1]
     params = init_codec_params(codec, int(train.seed))
     params = {"encoder": params["encoder"], "decoder": params["decoder"]}
     z_BxTxD = _model(codec).apply({"params": params}, init_wav_BxNxC, method=EncodecModel.embed)
-    vq = init_vq(z_BxTxD.reshape(-1, z_BxTxD.shape[-1]), vq_key, codec, train)
+    batches = init_wav_BxNxC.shape[0] * init_wav_BxNxC.shape[1] / (train.batch_size * segment_samples(codec, train))
+    vq = init_vq(z_BxTxD.reshape(-1, z_BxTxD.shape[-1]), vq_key, codec, train, batches)
     return CodecTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(train).init(params),
                            vq=vq, rng=rng)
 
