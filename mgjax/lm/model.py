@@ -160,11 +160,16 @@ class MusicGenLM(nn.Module):
             x = jnp.concatenate([states + sinusoidal_positions(position_offset + jnp.arange(prefix),
                                                                self.config.dim).astype(states.dtype),
                                  self.embed_codes(codes, position_offset + prefix + jnp.arange(seq))], axis=1)
-            x, _ = self.layers(x, None, None, None, None, None)
+            x = self.run_layers(x, None, None, None)
             return self.logits(x[:, prefix:])
         x = self.embed_codes(codes, position_offset + jnp.arange(seq))
-        x, _ = self.layers(x, conds["states"], conds["mask"], None, None, None)
+        x = self.run_layers(x, conds["states"], conds["mask"], None)
         return self.logits(x)
+
+    def run_layers(self, x: Array, cond: Array | None, cond_mask: Array | None, index: Array | None) -> Array:
+        """The layer stack without a cache (teacher-forced): `[B, T, D]` -> `[B, T, D]`."""
+        (x, _, _), _ = self.layers((x, None, jnp.zeros((), jnp.int32)), cond, cond_mask, None, index)
+        return x
 
     def init_cache(self, conds: dict[str, Array], max_length: int) -> dict[str, Array]:
         """An empty cache for `max_length` code columns; cross K/V computed once; a prepend prefix already run."""
@@ -178,7 +183,8 @@ class MusicGenLM(nn.Module):
             _, cross = self.layers.cross_key_value(states)
             return dict(cache, cross_k=cross["k"], cross_v=cross["v"], cross_mask=conds["mask"].astype(bool))
         x = states + sinusoidal_positions(jnp.arange(prefix), c.dim).astype(dtype)
-        _, kv = self.layers(x, None, None, None, {"k": cache["k"], "v": cache["v"]}, cache["index"])
+        (_, kv, _), _ = self.layers((x, {"k": cache["k"], "v": cache["v"]}, jnp.zeros((), jnp.int32)),
+                                    None, None, None, cache["index"])
         return dict(cache, index=jnp.asarray(prefix, jnp.int32), **kv)
 
     def prefill(self, cond: Array | None, cond_mask: Array | None, *, chroma: Array | None = None,
@@ -194,7 +200,8 @@ class MusicGenLM(nn.Module):
         x = self.embed_codes(codes, index + jnp.arange(seq))
         cross = None if self.prepend else {"k": cache["cross_k"], "v": cache["cross_v"]}
         mask = None if self.prepend else cache["cross_mask"]
-        x, kv = self.layers(x, None, mask, cross, {"k": cache["k"], "v": cache["v"]}, index)
+        (x, kv, _), _ = self.layers((x, {"k": cache["k"], "v": cache["v"]}, jnp.zeros((), jnp.int32)),
+                                    None, mask, cross, index)
         return self.logits(x), dict(cache, index=index + seq, **kv)
 
 

@@ -198,24 +198,30 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = LayerNorm(c.layer_norm_eps, dtype)
         self.ffn = FeedForward(c)
 
-    def __call__(self, x: Array, cond: Array | None, cond_mask: Array | None, cross_kv: dict | None,
-                 cache: dict | None, index: Array | None) -> tuple[Array, dict | None]:
-        """One layer.
+    def __call__(self, carry: tuple, cond: Array | None, cond_mask: Array | None, cross_kv: dict | None,
+                 index: Array | None) -> tuple[tuple, None]:
+        """One layer, as the body of the scan over layers.
 
-        x `[B, T, D]`; cond `[B, Lc, D]` projected condition states (teacher-forced cross mode) or None;
-        cond_mask `[B, Lc]` bool or None; cross_kv `{'k','v': [B, Lc, H, Dh]}` precomputed (cached mode) or None;
-        cache `{'k','v': [B, S, H, Dh]}` or None (teacher-forced); index int32 scalar: cache position of x[:, 0].
-        Returns (x `[B, T, D]`, updated cache or None).
+        carry = (x `[B, T, D]`, cache, layer): cache is None (teacher-forced) or the WHOLE stacked self-attention
+        cache `{'k','v': [L, B, S, H, Dh]}`, updated in place at `[layer, :, index]` (carrying it, rather than
+        scanning over its layers, keeps XLA from copying the whole cache every decoding step); layer int32.
+        cond `[B, Lc, D]` projected condition states (teacher-forced cross mode) or None; cond_mask `[B, Lc]` bool or
+        None; cross_kv `{'k','v': [B, Lc, H, Dh]}` precomputed (cached mode) or None; index int32: the cache
+        position of x[:, 0]. Returns ((x, cache, layer + 1), None).
         """
+        x, cache, layer = carry
         h = self.self_attn_norm(x)
         q = self.self_attn.query(h)
         k, v = self.self_attn.key_value(h)
         if cache is None:
-            mask, new_cache = causal_mask(x.shape[1]), None
+            mask = causal_mask(x.shape[1])
         else:
-            k = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
-            v = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
-            mask, new_cache = cached_causal_mask(index, x.shape[1], k.shape[1]), {"k": k, "v": v}
+            start = (layer, 0, index, 0, 0)
+            cache = {"k": lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype)[None], start),
+                     "v": lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype)[None], start)}
+            k = lax.dynamic_index_in_dim(cache["k"], layer, keepdims=False)
+            v = lax.dynamic_index_in_dim(cache["v"], layer, keepdims=False)
+            mask = cached_causal_mask(index, x.shape[1], k.shape[1])
         x = x + self.self_attn.output(dot_product_attention(q, k, v, mask))
 
         if self.config.conditioning == "cross" and (cond is not None or cross_kv is not None):
@@ -226,7 +232,7 @@ class DecoderLayer(nn.Module):
             x = x + self.cross_attn.output(dot_product_attention(q, ck, cv, mask))
 
         x = x + self.ffn(self.ffn_norm(x))
-        return x, new_cache
+        return (x, cache, layer + 1), None
 
     def cross_key_value(self, cond: Array) -> tuple[Array, dict]:
         """cond `[B, Lc, D]` -> (cond unchanged: the scan carry, `{'k','v': [B, Lc, H, Dh]}`)."""
@@ -237,8 +243,9 @@ class DecoderLayer(nn.Module):
 def scanned_layers(config: LMConfig, name: str = "layers") -> nn.Module:
     """The `config.num_layers` decoder layers as one `nn.scan` (params stacked on a leading 'layers' axis).
 
-    Scanned methods: `__call__(x, cond, cond_mask, cross_kv, cache, index)` with cross_kv and cache sliced per
-    layer (`[L, ...]` in, `[L, ...]` cache out), and `cross_key_value(cond)` -> (cond, `{'k','v': [L, B, Lc, H, Dh]}`).
+    Scanned methods: `__call__((x, cache, layer), cond, cond_mask, cross_kv, index)` with cross_kv sliced per layer
+    and the whole stacked cache carried (see `DecoderLayer.__call__`; start with layer = 0), and
+    `cross_key_value(cond)` -> (cond, `{'k','v': [L, B, Lc, H, Dh]}`).
     """
     layer = DecoderLayer
     if config.remat:
@@ -246,7 +253,7 @@ def scanned_layers(config: LMConfig, name: str = "layers") -> nn.Module:
     common = dict(variable_axes={"params": 0}, split_rngs={"params": True}, length=config.num_layers,
                   metadata_params={nn.PARTITION_NAME: "layers"})
     methods = {
-        "__call__": dict(common, in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast)),
+        "__call__": dict(common, in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast)),
         "cross_key_value": dict(common, in_axes=()),
     }
     return nn.scan(layer, methods=methods)(config, name=name)
