@@ -83,14 +83,30 @@ def run_mgjax(checkpoint: str, batch: int, frames: int, weight_format: str) -> d
         quality = int8_quality(float_config, float_lm, mg.config.lm, mg.params["lm"], mg)
     ids, mask = text_inputs(batch)
     duration = frames / mg.frame_rate
-    start = time.perf_counter()
+    compile_s = compile_seconds(mg, ids, mask, frames)
     mg.generate(input_ids=ids, attention_mask=mask, duration=duration, top_k=250, cfg_coef=3.0, seed=0)
-    first = time.perf_counter() - start
     start = time.perf_counter()
     mg.generate(input_ids=ids, attention_mask=mask, duration=duration, top_k=250, cfg_coef=3.0, seed=1)
     seconds = time.perf_counter() - start
     weight_bytes = streamed_bytes(mg.params["lm"])
-    return dict(seconds=seconds, compile=max(first - seconds, 0.0), weight_bytes=weight_bytes, **quality)
+    return dict(seconds=seconds, compile=compile_s, weight_bytes=weight_bytes, **quality)
+
+
+def compile_seconds(mg, ids, mask, frames: int) -> float:
+    """Ahead-of-time compile time of the whole generation program (prefill + decoding scan)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mgjax import sampling
+
+    cond = mg.encode_text(ids, mask)
+    prompt = jnp.zeros((ids.shape[0], mg.config.lm.num_codebooks, 0), jnp.int32)
+    shape = sampling._LoopShape.of(sampling.SamplingConfig(top_k=250, cfg_coef=3.0))
+    start = time.perf_counter()
+    sampling._generate_codes.lower(mg.params["lm"], cond, jnp.asarray(mask), jax.random.key(0), prompt, None,
+                                   jnp.float32(3.0), jnp.float32(1.0), jnp.float32(0.0), lm_config=mg.config.lm,
+                                   frames=frames, shape=shape, progress_every=0).compile()
+    return time.perf_counter() - start
 
 
 def streamed_bytes(lm_params: dict) -> int:
