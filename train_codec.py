@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         if train_cfg.eval_every and (step % train_cfg.eval_every == 0 or step == until):
             result = ct.evaluate(codec_cfg, train_cfg, ct.codec_params(state), eval_np)
             record = {**(record or {"step": step}), "eval_si_snr_db": result["si_snr_db"],
-                      "eval_mel_distance": result["mel_distance"], "eval_perplexity": result["perplexity"],
+                      "eval_mel_distance": result["mel_distance"],
+                      "eval_mel_distance_60db": result["mel_distance_60db"],
+                      "eval_perplexity": result["perplexity"],
                       "eval_used": result["used"]}
         if record is not None:
             log.write(json.dumps(record) + "\n")
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     del final["wav"]
     with open(os.path.join(args.out, "quality.json"), "w") as f:
         json.dump(final, f, indent=1)
-    print(f"step {step}: held-out SI-SNR {final['si_snr_db']:.2f} dB, mel distance {final['mel_distance']:.4f}, "
+    print(f"step {step}: held-out SI-SNR {final['si_snr_db']:.2f} dB, mel distance {final['mel_distance']:.4f} "
+          f"(-60 dB floor {final['mel_distance_60db']:.4f}), "
           f"perplexity {fmt(final['perplexity'], 1)} / {codec_cfg.codebook_size}, used {fmt(final['used'], 2)}"
           + (f", attributes kept {final['attributes_kept']}" if "attributes_kept" in final else ""), flush=True)
     print(f"codec saved to {os.path.join(args.out, 'codec')}", flush=True)
@@ -191,7 +194,7 @@ def format_record(record: dict) -> str:
                  f"{fmt(record['perplexity'], 0)} replaced {fmt(record['replaced'], 0)} t {record['time_s']:.0f}s")
     if "eval_si_snr_db" in record:
         line += (f" | held-out SI-SNR {record['eval_si_snr_db']:.2f} dB mel {record['eval_mel_distance']:.4f} "
-                 f"used {fmt(record['eval_used'], 2)}")
+                 f"(-60 dB floor {record['eval_mel_distance_60db']:.4f}) used {fmt(record['eval_used'], 2)}")
     return line
 
 

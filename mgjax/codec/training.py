@@ -61,8 +61,11 @@ class CodecTrainConfig:
     spec_weight: float = 1.0
     spec_windows: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)  # hop = window / 4
     n_mels: int = 64  # per scale at most window / 4 mel bands (narrow windows have few FFT bins)
-    spec_floor: float = 1e-5
-    commitment_weight: float = 1.0
+    spec_floor: float = 1e-5  # of the log-mel terms, in full-scale units (1e-5: -100 dB)
+    spec_linear_weight: float = 0.0  # L1 on the mel magnitudes themselves (stresses the loud partials)
+    commitment_weight: float = 1.0  # on the encoder directly (outside the balancer, as in audiocraft)
+    balance_losses: bool = True  # l1_weight : spec_weight as gradient-norm shares (audiocraft's Balancer)
+    balancer_decay: float = 0.999  # EMA of the gradient norms
     # Residual VQ.
     vq_decay: float = 0.99
     vq_epsilon: float = 1e-5
@@ -142,26 +145,33 @@ def stft_magnitude(x_BxN: jax.Array, n_fft: int) -> jax.Array:
     return jnp.sqrt(jnp.real(spec) ** 2 + jnp.imag(spec) ** 2 + 1e-12)  # no NaN gradient at |X| = 0
 
 
-def log_mels(x_BxN: jax.Array, sample_rate: int, train: CodecTrainConfig) -> list[jax.Array]:
-    """Per window of `train.spec_windows`: `log10(mel magnitude + floor)`, `[B, T_w, M_w]`."""
-    out = []
-    for n_fft in train.spec_windows:
-        bank = jnp.asarray(mel_filterbank(sample_rate, n_fft, min(train.n_mels, n_fft // 4)))
-        out.append(jnp.log10(stft_magnitude(x_BxN, n_fft) @ bank + train.spec_floor))
-    return out
+def mels(x_BxN: jax.Array, sample_rate: int, train: CodecTrainConfig) -> list[jax.Array]:
+    """Per window of `train.spec_windows`: mel magnitudes `[B, T_w, M_w]`, the STFT scaled by 2 / n_fft so that a
+    full-scale sinusoid peaks near 1 whatever the window (the floor then means the same level at every scale)."""
+    return [stft_magnitude(x_BxN, n_fft) @ jnp.asarray(mel_filterbank(sample_rate, n_fft, min(train.n_mels, n_fft // 4))
+                                                      * (2.0 / n_fft))
+            for n_fft in train.spec_windows]
 
 
 def multiscale_mel_loss(x_BxN: jax.Array, y_BxN: jax.Array, sample_rate: int, train: CodecTrainConfig) -> jax.Array:
-    """Mean over windows of L1 + L2 between log-mel spectrograms (`[]`)."""
-    terms = [jnp.mean(jnp.abs(a - b)) + jnp.mean((a - b) ** 2)
-             for a, b in zip(log_mels(x_BxN, sample_rate, train), log_mels(y_BxN, sample_rate, train))]
+    """Mean over windows of L1 + L2 between `log10(mel + floor)` spectrograms, plus `spec_linear_weight` times the
+    L1 between the mel magnitudes themselves (`[]`)."""
+    terms = []
+    for a, b in zip(mels(x_BxN, sample_rate, train), mels(y_BxN, sample_rate, train)):
+        log_diff = jnp.log10(a + train.spec_floor) - jnp.log10(b + train.spec_floor)
+        term = jnp.mean(jnp.abs(log_diff)) + jnp.mean(log_diff ** 2)
+        if train.spec_linear_weight:
+            term = term + train.spec_linear_weight * jnp.mean(jnp.abs(a - b))
+        terms.append(term)
     return sum(terms) / len(terms)
 
 
-def mel_distance(x_BxN: jax.Array, y_BxN: jax.Array, sample_rate: int, train: CodecTrainConfig) -> jax.Array:
-    """`[B]` mean over windows of the L1 distance between log10-mel spectrograms (the evaluation metric)."""
-    terms = [jnp.mean(jnp.abs(a - b), axis=(1, 2))
-             for a, b in zip(log_mels(x_BxN, sample_rate, train), log_mels(y_BxN, sample_rate, train))]
+def mel_distance(x_BxN: jax.Array, y_BxN: jax.Array, sample_rate: int, train: CodecTrainConfig,
+                 floor: float = 1e-5) -> jax.Array:
+    """`[B]` mean over windows of the L1 distance between `log10(mel + floor)` spectrograms (the evaluation metric;
+    `floor` in full-scale units, 1e-5 = -100 dB, whatever the training floor)."""
+    terms = [jnp.mean(jnp.abs(jnp.log10(a + floor) - jnp.log10(b + floor)), axis=(1, 2))
+             for a, b in zip(mels(x_BxN, sample_rate, train), mels(y_BxN, sample_rate, train))]
     return sum(terms) / len(terms)
 
 
@@ -311,6 +321,8 @@ class CodecTrainState:
     opt_state: Any
     vq: VQState  # codebooks + EMA statistics, updated by the step, never by the optimizer
     rng: jax.Array  # uint32 [2]: step keys are fold_in(rng, step), so a resumed run repeats the same draws
+    norms_ema: dict  # {'l1': [], 'spec': []}: decayed sums of the losses' output-gradient norms (loss balancer)
+    norms_fix: jax.Array  # []: decayed count, norms_ema / norms_fix is the bias-corrected average
 
 
 def learning_rate(train: CodecTrainConfig) -> optax.Schedule:
@@ -351,25 +363,52 @@ def init_state(codec: CodecConfig, train: CodecTrainConfig, init_wav_BxNxC: jax.
     batches = init_wav_BxNxC.shape[0] * init_wav_BxNxC.shape[1] / (train.batch_size * segment_samples(codec, train))
     vq = init_vq(z_BxTxD.reshape(-1, z_BxTxD.shape[-1]), vq_key, codec, train, batches)
     return CodecTrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(train).init(params),
-                           vq=vq, rng=rng)
+                           vq=vq, rng=rng, norms_ema={"l1": jnp.zeros(()), "spec": jnp.zeros(())},
+                           norms_fix=jnp.zeros(()))
 
 
-def loss_fn(params: dict, vq: VQState, wav_BxNxC: jax.Array, key: jax.Array, codec: CodecConfig,
-            train: CodecTrainConfig) -> tuple[jax.Array, tuple[VQState, dict]]:
-    """Total loss `[]` and (updated VQ state, metrics) for one batch of segments `[B, N, C]` (N a multiple of hop)."""
+def forward(params: dict, vq: VQState, wav_BxNxC: jax.Array, key: jax.Array, codec: CodecConfig,
+            train: CodecTrainConfig) -> tuple[tuple[jax.Array, jax.Array], tuple[VQState, jax.Array, dict]]:
+    """Training forward on segments `[B, N, C]` (N a multiple of the hop): ((reconstruction `[B*C, N]`, commitment
+    loss `[]`), (updated VQ state, codes `[K, B*T]`, stats))."""
     model = _model(codec)
     z_BxTxD = model.apply({"params": params}, wav_BxNxC, method=EncodecModel.embed)
     batch, frames, dim = z_BxTxD.shape
     quantized, codes, commit, vq, stats = quantize_train(z_BxTxD.reshape(-1, dim), vq, key, train)
     wav_hat = model.apply({"params": params}, quantized.reshape(batch, frames, dim),
                           method=lambda m, q: m.decoder(q))[:, :wav_BxNxC.shape[1]]
-    x = jnp.moveaxis(wav_BxNxC, -1, 1).reshape(-1, wav_BxNxC.shape[1])
-    y = jnp.moveaxis(wav_hat, -1, 1).reshape(-1, wav_BxNxC.shape[1])
-    l1 = jnp.mean(jnp.abs(x - y))
-    spec = multiscale_mel_loss(x, y, codec.sample_rate, train)
-    total = train.l1_weight * l1 + train.spec_weight * spec + train.commitment_weight * commit
-    return total, (vq, {"loss": total, "l1": l1, "spec": spec, "commit": commit,
-                        "replaced": stats["replaced"], "codes": codes})
+    return (jnp.moveaxis(wav_hat, -1, 1).reshape(-1, wav_BxNxC.shape[1]), commit), (vq, codes, stats)
+
+
+def reconstruction_losses(x_BxN: jax.Array, y_BxN: jax.Array, codec: CodecConfig, train: CodecTrainConfig
+                          ) -> dict[str, jax.Array]:
+    """{'l1': waveform L1, 'spec': multi-scale mel loss} of reconstruction `y` against `x`."""
+    return {"l1": jnp.mean(jnp.abs(x_BxN - y_BxN)), "spec": multiscale_mel_loss(x_BxN, y_BxN, codec.sample_rate, train)}
+
+
+def loss_gradients(x_BxN: jax.Array, y_BxN: jax.Array, codec: CodecConfig, train: CodecTrainConfig
+                   ) -> tuple[dict, dict, dict]:
+    """(losses, their gradients w.r.t. the reconstruction `y` `[B, N]`, the gradients' mean per-item norms)."""
+    losses, grads, norms = {}, {}, {}
+    for name in ("l1", "spec"):
+        losses[name], grads[name] = jax.value_and_grad(
+            lambda y: reconstruction_losses(x_BxN, y, codec, train)[name])(y_BxN)
+        norms[name] = jnp.mean(jnp.sqrt(jnp.sum(grads[name] ** 2, axis=-1)))
+    return losses, grads, norms
+
+
+def balance(grads: dict, norm_avg: dict, train: CodecTrainConfig) -> jax.Array:
+    """The gradient to backpropagate from the reconstruction, `[B, N]`.
+
+    With `balance_losses` (audiocraft's `Balancer`), each loss's gradient is divided by the running average of its
+    norm (`norm_avg`, {name: []}) and weighted by its share of the weights, so that `l1_weight : spec_weight` is the
+    ratio of their gradient norms whatever the losses' scales; otherwise the plain weighted sum.
+    """
+    weights = {"l1": train.l1_weight, "spec": train.spec_weight}
+    if not train.balance_losses:
+        return sum(weights[n] * grads[n] for n in weights)
+    total = sum(weights.values())
+    return sum(weights[n] / total / (1e-12 + norm_avg[n]) * grads[n] for n in weights)
 
 
 # CodecTrainConfig fields that never reach the train step: runs differing only in these share its compiled program.
@@ -398,17 +437,27 @@ def train_step(codec: CodecConfig, train: CodecTrainConfig, state: CodecTrainSta
 def _train_step(codec: CodecConfig, train: CodecTrainConfig, state: CodecTrainState, wav_BxNxC: jax.Array
                 ) -> tuple[CodecTrainState, dict]:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (_, (vq, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.vq, wav_BxNxC, key, codec, train)
+    (y, commit), backward, (vq, codes, stats) = jax.vjp(
+        lambda p: forward(p, state.vq, wav_BxNxC, key, codec, train), state.params, has_aux=True)
+    x = jnp.moveaxis(wav_BxNxC, -1, 1).reshape(y.shape)
+    losses, loss_grads, norms = loss_gradients(x, y, codec, train)
+    # Bias-corrected EMA of the gradient norms, this batch included (audiocraft's averager).
+    norms_ema = {n: state.norms_ema[n] * train.balancer_decay + norms[n] for n in norms}
+    fix = state.norms_fix * train.balancer_decay + 1.0
+    grad_y = balance(loss_grads, {n: norms_ema[n] / fix for n in norms}, train)
+    (grads,) = backward((grad_y, jnp.asarray(train.commitment_weight, commit.dtype)))
     updates, opt_state = make_optimizer(train).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    codes = metrics.pop("codes")
+    metrics = {"loss": train.l1_weight * losses["l1"] + train.spec_weight * losses["spec"]
+               + train.commitment_weight * commit, **losses, "commit": commit, "replaced": stats["replaced"],
+               "grad_norm_l1": norms["l1"], "grad_norm_spec": norms["spec"]}
     counts = jax.vmap(lambda c: jnp.bincount(c, length=codec.codebook_size))(codes)
     p = counts / codes.shape[1]
     metrics["perplexity"] = jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0), axis=1))
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["lr"] = learning_rate(train)(state.step)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, vq=vq), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, vq=vq, norms_ema=norms_ema,
+                         norms_fix=fix), metrics
 
 
 def abstract_state(codec: CodecConfig, train: CodecTrainConfig) -> Any:
@@ -426,28 +475,30 @@ def _round_trip(codec: CodecConfig, train: CodecTrainConfig, params: dict, wav_B
     wav_hat = model.apply({"params": params}, codes, method=EncodecModel.decode)[:, :wav_BxNxC.shape[1]]
     x = jnp.moveaxis(wav_BxNxC, -1, 1).reshape(-1, wav_BxNxC.shape[1])
     y = jnp.moveaxis(wav_hat, -1, 1).reshape(-1, wav_BxNxC.shape[1])
-    return codes, wav_hat, mel_distance(x, y, codec.sample_rate, train)
+    return codes, wav_hat, jnp.stack([mel_distance(x, y, codec.sample_rate, train, floor) for floor in (1e-5, 1e-3)])
 
 
 def evaluate(codec: CodecConfig, train: CodecTrainConfig, params: dict, clips_BxCxN: np.ndarray,
              batch_size: int = 8) -> dict:
     """Reconstruction quality through the inference path (encode -> nearest codes -> decode) on clips `[B, C, N]`:
-    mean SI-SNR (dB), mean mel distance (L1 of log10 mel, averaged over the loss windows), codebook usage, and the
-    reconstructions `[B, C, N]` (key 'wav')."""
+    mean SI-SNR (dB), mean mel distance (L1 of log10 mel, averaged over the loss windows, with a -100 dB floor and,
+    closer to what is audible, a -60 dB one), codebook usage, and the reconstructions `[B, C, N]` (key 'wav')."""
     clips = np.asarray(clips_BxCxN, np.float32)
     if clips.ndim != 3 or clips.shape[1] != codec.channels:
         raise ValueError(f"clips must be [B, {codec.channels}, N], got shape {clips.shape}")
     codes, recon, mel = [], [], []
     for i in range(0, len(clips), batch_size):
-        c, w, m = _round_trip(codec, step_config(train), params, jnp.asarray(np.moveaxis(clips[i:i + batch_size], 1, -1)))
+        piece = jnp.asarray(np.moveaxis(clips[i:i + batch_size], 1, -1))
+        c, w, m = _round_trip(codec, step_config(train), params, piece)
         codes.append(np.asarray(c))
         recon.append(np.moveaxis(np.asarray(w), -1, 1))
-        mel.append(np.asarray(m))
+        mel.append(np.asarray(m).T)  # [B, 2]
     recon = np.concatenate(recon)
     snr = si_snr(recon, clips).mean(axis=1)  # [B] (channels averaged)
     usage = codebook_usage(np.concatenate(codes), codec.codebook_size)
     return {"si_snr_db": float(np.mean(snr)), "si_snr_db_per_clip": snr.tolist(),
-            "mel_distance": float(np.mean(np.concatenate(mel))), **usage, "wav": recon}
+            "mel_distance": float(np.mean(np.concatenate(mel)[:, 0])),
+            "mel_distance_60db": float(np.mean(np.concatenate(mel)[:, 1])), **usage, "wav": recon}
 
 
 def metrics_to_host(metrics: Mapping[str, Any]) -> dict:
