@@ -103,6 +103,15 @@ def test_dead_codes_are_replaced_by_batch_vectors():
     np.testing.assert_allclose(np.asarray(new.codebooks[0, live]), np.asarray(book[live]), rtol=1e-6)
 
 
+def test_balancer_gives_each_loss_its_share_of_the_gradient_norm():
+    g = {"l1": jnp.array([[1e-4, 0.0]]), "spec": jnp.array([[0.0, 50.0]])}
+    norms = {"l1": 1e-4, "spec": 50.0}
+    train = dataclasses.replace(TRAIN, l1_weight=1.0, spec_weight=3.0)
+    np.testing.assert_allclose(np.asarray(ct.balance(g, norms, train)), [[0.25, 0.75]], rtol=1e-6)
+    raw = ct.balance(g, norms, dataclasses.replace(train, balance_losses=False))
+    np.testing.assert_allclose(np.asarray(raw), [[1e-4, 150.0]], rtol=1e-6)
+
+
 def test_kmeans_reaches_a_fixed_point_below_random_init():
     rng = np.random.default_rng(2)
     centers = rng.normal(scale=5.0, size=(6, 2))
