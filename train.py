@@ -32,6 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="never resume: fail if <output_dir>/checkpoints already holds checkpoints")
     parser.add_argument("--sweep", default=None, help="a sweep YAML: train every variant, print a table")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-step logs")
+    parser.add_argument("--export", default=None, metavar="DIR",
+                        help="after training, write the model (codec + text encoder + LM + tokenizer) as a MusicGen "
+                             "checkpoint to DIR, for sample.py --checkpoint DIR")
+    parser.add_argument("--export-ema", action="store_true", help="export the EMA params (train.ema_decay > 0)")
     args = parser.parse_args(argv)
     if args.config is None and args.sweep is None:
         parser.error("--config is required (a YAML path or a name in configs/, e.g. train-tiny)")
@@ -127,12 +131,20 @@ def make_datasets(config: Any, synthetic: bool) -> tuple[Any, Any]:
 
 
 def load_codec(config: Any) -> Any:
+    """The codec of `train.codec_checkpoint`, else of `train.pretrained`, else a random one (tests)."""
     from mgjax.codec.encodec import Codec
+    from mgjax.config import ConfigError
 
-    if config.train.pretrained:
-        return Codec.load(config.train.pretrained)
-    warnings.warn("train.pretrained is not set: encoding audio with a RANDOM codec (only useful for tests)")
-    return Codec.from_config(config.codec, config.train.seed)
+    source = config.train.codec_checkpoint or config.train.pretrained
+    if not source:
+        warnings.warn("neither train.codec_checkpoint nor train.pretrained is set: encoding audio with a RANDOM "
+                      "codec (only useful for tests)")
+        return Codec.from_config(config.codec, config.train.seed)
+    codec = Codec.load(source)
+    if codec.config != config.codec:
+        raise ConfigError(f"the codec of {source} ({codec.config}) differs from the config's codec section "
+                          f"({config.codec}); copy the checkpoint's codec settings into the config")
+    return codec
 
 
 def load_tokenizer(config: Any) -> Any:
@@ -204,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = load_config(args.config, args.overrides)
         result = train_run(config, synthetic=args.synthetic, steps=args.steps, fresh=args.fresh, quiet=args.quiet)
+        if args.export:
+            export(config, result["trainer"], args.export, args.export_ema, synthetic=args.synthetic)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -212,6 +226,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done: step {result['trainer'].step_count}, first loss {losses[0]:.4f}, last loss {losses[-1]:.4f}"
               + (f", valid loss {result['valid_loss']:.4f}" if result["valid_loss"] is not None else ""), flush=True)
     return 0
+
+
+def export(config: Any, trainer: Any, directory: str, use_ema: bool, synthetic: bool) -> None:
+    from mgjax.codec.encodec import Codec
+    from mgjax.export import export_musicgen
+
+    codec = Codec.from_config(config.codec, config.train.seed) if synthetic else load_codec(config)
+    tokenizer_dir = config.train.tokenizer_dir
+    if not tokenizer_dir and config.train.pretrained:
+        candidate = os.path.join(config.train.pretrained, "tokenizer")
+        tokenizer_dir = candidate if os.path.isdir(candidate) else ""
+    path = export_musicgen(trainer, codec, directory, tokenizer_dir=tokenizer_dir, use_ema=use_ema,
+                           source=f"train.py {config.train.output_dir} step {trainer.step_count}")
+    print(f"exported the model to {path} (sample.py --checkpoint {directory})", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- sweep

@@ -169,6 +169,9 @@ class TrainConfig:
     # Initialisation: a converted mgjax MusicGen checkpoint supplies the codec and T5 (and the LM when finetuning).
     pretrained: str = ""
     finetune: bool = False
+    # A codec (or MusicGen) checkpoint whose codec encodes the audio, e.g. one trained by train_codec.py; takes
+    # precedence over the codec of `pretrained`. Its codec config must equal the `codec` section.
+    codec_checkpoint: str = ""
     # Checkpoints, logging, multi-host.
     async_checkpointing: bool = True
     tensorboard: bool = True  # skipped cleanly when tensorboard is not installed

@@ -405,3 +405,23 @@ def generate_corpus(out_dir: str, n_clips: int, seed: int = 0, seconds: float = 
             "held_out_combinations": [list(p) for p in pairs]}
     _write_text_atomic(os.path.join(out_dir, "corpus.json"), json.dumps(info, indent=1) + "\n")
     return os.path.join(out_dir, "manifest.jsonl")
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """`python -m mgjax.synth OUT_DIR --clips N --heldout M --seed S`: writes a corpus (see `generate_corpus`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a labelled synthetic music corpus")
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--clips", type=int, default=1000, help="training clips (held-out combinations excluded)")
+    parser.add_argument("--heldout", type=int, default=64, help="clips of the held-out (instrument, key) pairs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    args = parser.parse_args(None if argv is None else list(argv))
+    path = generate_corpus(args.out, args.clips, args.seed, args.seconds, holdout=True, n_heldout=args.heldout)
+    print(f"{args.clips} clips + {args.heldout} held out written; manifest {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

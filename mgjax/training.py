@@ -124,8 +124,9 @@ class Programs:
 # TrainConfig fields that never reach a compiled program: runs differing only in these share their programs.
 _HOST_ONLY_FIELDS = ("seed", "segment_duration", "checkpoint_every", "keep_checkpoints", "log_every", "data_dir",
                      "output_dir", "synthetic", "cache_dir", "tokenizer_dir", "max_text_tokens", "valid_fraction",
-                     "eval_every", "eval_batches", "pretrained", "finetune", "async_checkpointing", "tensorboard",
-                     "distributed", "coordinator_address", "num_processes", "process_id")
+                     "eval_every", "eval_batches", "pretrained", "codec_checkpoint", "finetune",
+                     "async_checkpointing", "tensorboard", "distributed", "coordinator_address", "num_processes",
+                     "process_id")
 
 
 def programs(config: MusicGenConfig, mesh: jax.sharding.Mesh) -> Programs:

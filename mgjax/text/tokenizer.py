@@ -41,3 +41,52 @@ def tokenize(tokenizer: Any, prompts: Sequence[str]) -> tuple[np.ndarray, np.nda
     input_ids = np.asarray(encoded["input_ids"], dtype=np.int32)
     attention_mask = np.asarray(encoded["attention_mask"], dtype=np.int32)
     return input_ids, attention_mask
+
+
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
+
+
+def train_word_tokenizer(texts: Sequence[str], directory: str, min_frequency: int = 1) -> str:
+    """Trains a word-level tokenizer on `texts` and saves it as a transformers tokenizer in `directory` -> path.
+
+    T5's conventions: pad id 0, `</s>` (id 1) appended to every prompt, unknown words map to `<unk>` (id 2), right
+    padding. Case is kept ("A minor" is a key, "a" an article); words and punctuation are split as `\\w+|[^\\w\\s]+`.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError("no texts to train a tokenizer on")
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=min_frequency)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   padding_side="right")
+    os.makedirs(directory, exist_ok=True)
+    fast.save_pretrained(directory)
+    return directory
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m mgjax.text.tokenizer MANIFEST.jsonl OUT_DIR`: a word-level tokenizer of the manifest's captions."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Train a word-level tokenizer on the captions of a JSONL manifest")
+    parser.add_argument("manifest", help="JSONL with a 'description' per line (e.g. a synth corpus manifest)")
+    parser.add_argument("out", help="output directory (transformers tokenizer files)")
+    parser.add_argument("--min-frequency", type=int, default=1)
+    args = parser.parse_args(argv)
+    with open(args.manifest) as f:
+        texts = [json.loads(line).get("description", "") for line in f if line.strip()]
+    train_word_tokenizer(texts, args.out, args.min_frequency)
+    size = len(load_tokenizer(args.out))
+    print(f"tokenizer with {size} tokens written to {args.out} (set text.vocab_size >= {size})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

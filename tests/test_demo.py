@@ -1,0 +1,123 @@
+"""The demo-model path: caption tokenizer, training on audio encoded by a trained codec, export to a sampling
+checkpoint, and the shipped demo checkpoint that `sample.py` uses by default."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import soundfile
+
+from mgjax import checkpoint, sharding, synth
+from mgjax.api import MusicGen
+from mgjax.codec.encodec import Codec
+from mgjax.config import ConfigError, load_config, to_dict
+from mgjax.text.tokenizer import load_tokenizer, tokenize, train_word_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "mgjax", "assets", "demo")
+BASE = ["train.batch_size=4", "train.max_text_tokens=24", "train.segment_duration=0.6", "train.log_every=1000",
+        "train.warmup_steps=0", "train.total_steps=2", "train.train_text_encoder=true", "text.vocab_size=256",
+        "train.tensorboard=false"]
+
+
+def test_word_tokenizer_keeps_case_and_t5_conventions(tmp_path):
+    tok = load_tokenizer(train_word_tokenizer(["A calm pad in A minor", "an upbeat lead in C# major"],
+                                              str(tmp_path / "tok")))
+    ids, mask = tokenize(tok, ["a calm lead in A minor", "unheard words"])
+    words = tok.convert_ids_to_tokens(ids[0].tolist())
+    assert words[:7] == ["<unk>", "calm", "lead", "in", "A", "minor", "</s>"]  # 'a' (article) was never seen
+    assert tok.convert_ids_to_tokens(ids[1].tolist()) == ["<unk>", "<unk>", "</s>"] + ["<pad>"] * 4
+    assert tok.pad_token_id == 0 and tok.eos_token_id == 1 and tok.unk_token_id == 2
+    assert mask[1].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="no texts"):
+        train_word_tokenizer(["", "  "], str(tmp_path / "empty"))
+
+
+def _train_cli():
+    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A 6-clip synth corpus (1 s clips), its tokenizer, and a codec checkpoint of train-tiny's codec."""
+    root = tmp_path_factory.mktemp("demo")
+    manifest = synth.generate_corpus(str(root / "corpus"), 6, seed=3, seconds=1.0)
+    tokenizer_dir = train_word_tokenizer(_captions(manifest), str(root / "tokenizer"))
+    codec_config = load_config("train-tiny").codec
+    codec = Codec.from_config(codec_config, seed=7)
+    codec_dir = checkpoint.save(str(root / "codec"), "codec", {"codec": to_dict(codec_config)},
+                                {"codec": jax.tree.map(np.asarray, codec.params)})
+    return {"root": root, "manifest": manifest, "tokenizer": tokenizer_dir, "codec": codec_dir,
+            "codec_params": codec.params}
+
+
+def _captions(manifest: str) -> list[str]:
+    import json
+    with open(manifest) as f:
+        return [json.loads(line)["description"] for line in f]
+
+
+def test_train_on_codec_checkpoint_and_export_a_sampling_checkpoint(corpus, tmp_path):
+    cli = _train_cli()
+    jax.set_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    config = load_config("train-tiny", BASE + [f"train.data_dir={corpus['manifest']}",
+                                               f"train.codec_checkpoint={corpus['codec']}",
+                                               f"train.tokenizer_dir={corpus['tokenizer']}",
+                                               f"train.output_dir={tmp_path / 'run'}"])
+    result = cli.train_run(config, quiet=True, checkpoints=False)
+    trainer = result["trainer"]
+    assert trainer.step_count == 2 and all(np.isfinite(result["losses"]))
+    cli.export(config, trainer, str(tmp_path / "exported"), use_ema=False, synthetic=False)
+
+    mg = MusicGen.load(str(tmp_path / "exported"))
+    assert mg.config.codec == config.codec and mg.config.lm == config.lm and mg.config.text == config.text
+    for name, tree in (("lm", trainer.state.params["lm"]), ("text", trainer.state.params["text"]),
+                       ("codec", corpus["codec_params"])):
+        diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), tree, mg.params[name])
+        assert max(jax.tree.leaves(diffs)) == 0.0, name
+    out = mg.generate(["A calm sine pad in C major"], duration=0.4, greedy=True)
+    assert out.codes.shape == (1, 4, 20) and np.isfinite(out.wav).all()
+
+
+def test_train_refuses_a_codec_checkpoint_of_another_config(corpus, tmp_path):
+    cli = _train_cli()
+    config = load_config("train-tiny", BASE + [f"train.codec_checkpoint={corpus['codec']}", "codec.n_filters=8",
+                                               f"train.data_dir={corpus['manifest']}",
+                                               f"train.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="differs from the config's codec section"):
+        cli.load_codec(config)
+
+
+# ----------------------------------------------------------------------------------------------- the shipped model
+
+def test_shipped_demo_checkpoint_loads_and_follows_its_prompt():
+    """The checkpoint in the repository loads, has its tokenizer, and generates audio that depends on the prompt."""
+    mg = MusicGen.load(DEMO)
+    assert mg.tokenizer is not None and mg.sample_rate == 32000
+    prompts = ["A calm sine pad melody in C major, slow, 80 bpm",
+               "An upbeat chiptune lead arpeggio in A minor with drums, 150 bpm"]
+    out = mg.generate(prompts, duration=1.0, seed=0)
+    assert out.wav.shape == (2, 1, 32000) and np.isfinite(out.wav).all()
+    assert out.codes.min() >= 0 and out.codes.max() < mg.config.lm.card
+    assert np.sqrt(np.mean(out.wav ** 2)) > 1e-3  # not silence
+    assert not np.array_equal(out.codes[0], out.codes[1])
+    again = mg.generate(prompts, duration=1.0, seed=0)
+    np.testing.assert_array_equal(again.codes, out.codes)
+
+
+def test_sample_cli_plays_the_demo_model_by_default(tmp_path):
+    out = tmp_path / "demo.wav"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--prompt",
+                             "a plucked string scale run in D major, 120 bpm", "--duration", "1.5", "--out", str(out),
+                             "--no-progress"], capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stderr
+    wav, rate = soundfile.read(str(out))
+    assert rate == 32000 and len(wav) == 48000 and np.abs(wav).max() > 0
