@@ -4,8 +4,8 @@
     python train.py --config train-small train.data_dir=/data/music train.pretrained=ckpt/musicgen-small
     python train.py --config train-tiny --sweep configs/sweeps/train-patterns.yaml --synthetic   # pattern ablation
 
-Logs loss, per-codebook loss, learning rate and tokens/s (progress bar with tqdm when installed; TensorBoard
-scalars in <output_dir>/tb when a TensorBoard writer is installed). Checkpoints go to <output_dir>/checkpoints and a
+Logs loss, per-codebook loss, learning rate and tokens/s to stdout and <output_dir>/metrics.jsonl (progress bar
+with tqdm when installed; TensorBoard scalars in <output_dir>/tb when a TensorBoard writer is installed). Checkpoints go to <output_dir>/checkpoints and a
 rerun of the same command resumes from the latest one (`--fresh` refuses to resume, `--steps` stops early).
 """
 from __future__ import annotations
@@ -51,9 +51,10 @@ class Logger:
         import jax
 
         self.active = jax.process_index() == 0 and not quiet
-        self.bar = self.writer = None
+        self.bar = self.writer = self.metrics_file = None
         if not self.active:
             return
+        self.metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
         try:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
@@ -76,6 +77,11 @@ class Logger:
             self.bar.write(line)
         else:
             print(line, flush=True)
+        record = {"step": step, "time": round(time.time(), 1),
+                  **{k: float(v) for k, v in metrics.items() if k != "per_codebook"},
+                  "per_codebook": [float(x) for x in metrics["per_codebook"]]}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
         if self.writer is not None:
             scalars = {"loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
                        "tokens_per_s": metrics["tokens_per_s"]}
@@ -86,6 +92,8 @@ class Logger:
                 self.writer.add_scalar(name, float(value), step)
 
     def close(self) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.close()
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

@@ -176,9 +176,12 @@ def load_audio(path: str, sample_rate: int, channels: int = 1) -> np.ndarray:
 
 
 def encode_in_chunks(encode: Callable[[np.ndarray], Any], wav: np.ndarray, chunk: int, hop: int) -> np.ndarray:
-    """`[C, N]` -> codes `[K, ceil(N / hop)]`, encoding fixed-size chunks of `chunk` samples (one compile for every
-    file, bounded memory); the last chunk is zero padded. `encode`: `[1, C, chunk]` -> `[1, K, chunk / hop]`."""
+    """`[C, N]` -> codes `[K, ceil(N / hop)]`, encoding fixed-size chunks of `chunk` samples (bounded memory); the
+    last chunk is zero padded. A file shorter than `chunk` is encoded as one chunk of its length rounded up to a
+    power of two frames, so short clips do not pay for a whole chunk of padding while compiles stay few (one per
+    power of two). `encode`: `[1, C, L]` -> `[1, K, L / hop]`."""
     frames = -(-wav.shape[-1] // hop)
+    chunk = min(chunk, hop * (1 << max(0, frames - 1).bit_length()))
     pieces = []
     for start in range(0, wav.shape[-1], chunk):
         piece = wav[:, start:start + chunk]
@@ -198,7 +201,7 @@ def params_fingerprint(params: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(path: str, codec_config: Any, codec_fingerprint: str = "", chunk: int = 0) -> str:
+def cache_key(path: str, codec_config: Any, codec_fingerprint: str = "", chunk: int | str = 0) -> str:
     """sha1 of (absolute path, mtime, size, codec config, codec weights, chunk size): a changed file or codec misses."""
     stat = os.stat(path)
     payload = json.dumps([os.path.abspath(path), stat.st_mtime_ns, stat.st_size, to_dict(codec_config),
@@ -234,7 +237,7 @@ class CodeCache:
         os.makedirs(directory, exist_ok=True)
 
     def path_for(self, audio_path: str) -> str:
-        key = cache_key(audio_path, self.codec.config, self.fingerprint, self.chunk)
+        key = cache_key(audio_path, self.codec.config, self.fingerprint, f"{self.chunk}/pow2")
         return os.path.join(self.directory, key + ".npz")
 
     def features(self, entry: Entry) -> dict[str, np.ndarray] | None:

@@ -46,19 +46,23 @@ def tokenize(tokenizer: Any, prompts: Sequence[str]) -> tuple[np.ndarray, np.nda
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
 
 
-def train_word_tokenizer(texts: Sequence[str], directory: str, min_frequency: int = 1) -> str:
+def train_word_tokenizer(texts: Sequence[str], directory: str, min_frequency: int = 1, lowercase: bool = True) -> str:
     """Trains a word-level tokenizer on `texts` and saves it as a transformers tokenizer in `directory` -> path.
 
     T5's conventions: pad id 0, `</s>` (id 1) appended to every prompt, unknown words map to `<unk>` (id 2), right
-    padding. Case is kept ("A minor" is a key, "a" an article); words and punctuation are split as `\\w+|[^\\w\\s]+`.
+    padding. Words and punctuation are split as `\\w+|[^\\w\\s]+`. `lowercase` folds case, so a prompt's
+    capitals do not matter ("A minor" and "a minor" are the same words; the encoder tells the key from the article
+    by what follows).
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise ValueError("no texts to train a tokenizer on")
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=min_frequency)
     tok.train_from_iterator(texts, trainer)
