@@ -1,6 +1,6 @@
-"""Generate music from text prompts with a converted MusicGen checkpoint.
+"""Generate music from text prompts with the shipped demo model or a converted MusicGen checkpoint.
 
-    python sample.py --prompt "calm piano" --prompt "upbeat chiptune" --duration 8 --out out/
+    python sample.py --prompt "an upbeat chiptune melody in A minor with drums, 140 bpm" --duration 8 --out out/
     python sample.py --checkpoint ckpt/musicgen-small --prompt "lofi beat" --continue intro.wav --duration 20
 
 Writes one wav per prompt and prints the paths and the real-time factor.
