@@ -116,11 +116,11 @@ def test_shipped_demo_checkpoint_loads_and_follows_its_prompt():
 def test_sample_cli_plays_the_demo_model_by_default(tmp_path):
     out = tmp_path / "demo.wav"
     result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--prompt",
-                             "a plucked string scale run in D major, 120 bpm", "--duration", "1.5", "--out", str(out),
+                             "a plucked string scale run in D major, 120 bpm", "--duration", "2", "--out", str(out),
                              "--no-progress"], capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stderr
     wav, rate = soundfile.read(str(out))
-    assert rate == 32000 and len(wav) == 48000 and np.abs(wav).max() > 0
+    assert rate == 32000 and len(wav) == 64000 and np.abs(wav).max() > 0
 
 
 def test_adherence_eval_runs_on_the_shipped_model(tmp_path, capsys):
