@@ -79,22 +79,33 @@ def output_paths(out: str, prompts: list[str]) -> list[str]:
 
 
 class ProgressBar:
-    """A one-line text progress bar over decoding steps (stderr)."""
+    """A one-line text progress bar over decoding steps (stderr). The rate counts from the first report, so compile
+    time stays out of it; a step count that goes back (the next window of a long generation) starts a new line."""
 
     def __init__(self, label: str, enabled: bool):
-        self.label, self.enabled, self.start = label, enabled, time.perf_counter()
+        self.label, self.enabled = label, enabled
+        self.origin: tuple[int, float] | None = None  # (step, time) of the first report of this window
 
     def __call__(self, step: int, total: int) -> None:
         if not self.enabled:
             return
+        now = time.perf_counter()
+        if self.origin is not None and step < self.origin[0]:
+            sys.stderr.write("\n")
+            self.origin = None
+        if self.origin is None:
+            self.origin = (step, now)
         width = 30
         filled = int(width * step / max(total, 1))
-        rate = step / max(time.perf_counter() - self.start, 1e-9)
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {step}/{total} steps "
-                         f"{rate:.1f} steps/s")
-        if step >= total:
-            sys.stderr.write("\n")
+        done, elapsed = step - self.origin[0], now - self.origin[1]
+        rate = f"{done / elapsed:.1f} steps/s" if done and elapsed > 0 else "..."
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {step}/{total} steps {rate}")
         sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.origin is not None:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 def run(args) -> int:
@@ -134,6 +145,7 @@ def run(args) -> int:
                           top_k=args.top_k,
                           top_p=args.top_p, temperature=args.temperature, cfg_coef=args.cfg, greedy=args.greedy,
                           seed=args.seed + first, progress=bar, progress_every=10)
+        bar.close()
         for wav, path in zip(out.wav, paths[first: first + len(prompts)]):
             written.append(write_wav(path, wav, mg.sample_rate, args.format))
             audio_seconds += wav.shape[-1] / mg.sample_rate
