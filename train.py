@@ -5,8 +5,9 @@
     python train.py --config train-tiny --sweep configs/sweeps/train-patterns.yaml --synthetic   # pattern ablation
 
 Logs loss, per-codebook loss, learning rate and tokens/s to stdout and <output_dir>/metrics.jsonl (progress bar
-with tqdm when installed; TensorBoard scalars in <output_dir>/tb when a TensorBoard writer is installed). Checkpoints go to <output_dir>/checkpoints and a
-rerun of the same command resumes from the latest one (`--fresh` refuses to resume, `--steps` stops early).
+with tqdm when installed; TensorBoard scalars in <output_dir>/tb when a TensorBoard writer is installed).
+Checkpoints go to <output_dir>/checkpoints and a rerun of the same command resumes from the latest one (`--fresh`
+refuses to resume, `--steps` stops early).
 """
 from __future__ import annotations
 
@@ -114,15 +115,16 @@ def _tensorboard_writer(directory: str) -> Any:
 
 # ----------------------------------------------------------------------------------------------- data
 
-def make_datasets(config: Any, synthetic: bool) -> tuple[Any, Any]:
-    """(train dataset, valid dataset): synthetic codes, or cached codes of `train.data_dir`."""
+def make_datasets(config: Any, synthetic: bool) -> tuple[Any, Any, Any]:
+    """(train dataset, valid dataset, codec): synthetic codes (codec None), or cached codes of `train.data_dir` and
+    the codec that encoded them."""
     from mgjax import data
 
     train = config.train
     if synthetic or train.synthetic:
         make = lambda stream: data.SyntheticDataset(train, config.lm.num_codebooks, config.lm.card,
                                                      config.codec.frame_rate, config.text.vocab_size, stream=stream)
-        return make(0), make(1)
+        return make(0), make(1), None
     entries = data.scan_entries(train.data_dir)
     train_entries, valid_entries = data.split_valid(entries, train.valid_fraction)
     codec = load_codec(config)
@@ -135,7 +137,7 @@ def make_datasets(config: Any, synthetic: bool) -> tuple[Any, Any]:
     valid = (data.AudioDataset(valid_entries, cache, train, tokenizer=tokenizer, stream=1,
                                shard_files=len(valid_entries) >= 4 * jax.process_count())
              if valid_entries else None)
-    return dataset, valid
+    return dataset, valid, codec
 
 
 def load_codec(config: Any) -> Any:
@@ -155,14 +157,20 @@ def load_codec(config: Any) -> Any:
     return codec
 
 
-def load_tokenizer(config: Any) -> Any:
-    """The tokenizer of `train.tokenizer_dir`, else of `<pretrained>/tokenizer`, else None (caption ids given)."""
-    from mgjax.text.tokenizer import load_tokenizer as load
-
+def tokenizer_directory(config: Any) -> str:
+    """`train.tokenizer_dir`, else `<pretrained>/tokenizer` when it exists, else '' (caption ids given)."""
     directory = config.train.tokenizer_dir
     if not directory and config.train.pretrained:
         candidate = os.path.join(config.train.pretrained, "tokenizer")
         directory = candidate if os.path.isdir(candidate) else ""
+    return directory
+
+
+def load_tokenizer(config: Any) -> Any:
+    """The tokenizer of `tokenizer_directory(config)`, or None."""
+    from mgjax.text.tokenizer import load_tokenizer as load
+
+    directory = tokenizer_directory(config)
     return load(directory) if directory else None
 
 
@@ -182,14 +190,15 @@ def setup(config: Any) -> Any:
 
 def train_run(config: Any, *, synthetic: bool = False, steps: int | None = None, fresh: bool = False,
               quiet: bool = False, checkpoints: bool = True) -> dict:
-    """One training run -> {'losses', 'valid_loss', 'trainer'}; resumes from <output_dir>/checkpoints."""
+    """One training run -> {'losses', 'valid_loss', 'trainer', 'valid_batch', 'codec'} ('codec': the one the audio
+    was encoded with, None for synthetic codes); resumes from <output_dir>/checkpoints."""
     from mgjax import checkpoint, config as config_lib, training
 
     mesh = setup(config)
     train = config.train
     os.makedirs(train.output_dir, exist_ok=True)
     config_lib.save_config(config, os.path.join(train.output_dir, "config.yaml"))
-    dataset, valid = make_datasets(config, synthetic)
+    dataset, valid, codec = make_datasets(config, synthetic)
     ckpt_dir = os.path.join(train.output_dir, "checkpoints")
     if fresh and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise SystemExit(f"--fresh: {ckpt_dir} already holds checkpoints; remove it or choose train.output_dir")
@@ -210,7 +219,7 @@ def train_run(config: Any, *, synthetic: bool = False, steps: int | None = None,
             checkpointer.close()
     valid_loss = float(trainer.evaluate([valid.batch(i) for i in range(train.eval_batches)])["loss"]) if valid else None
     return {"losses": losses, "valid_loss": valid_loss, "trainer": trainer,
-            "valid_batch": (valid or dataset).batch(0)}
+            "valid_batch": (valid or dataset).batch(0), "codec": codec}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         result = train_run(config, synthetic=args.synthetic, steps=args.steps, fresh=args.fresh, quiet=args.quiet)
         if args.export:
-            export(config, result["trainer"], args.export, args.export_ema, synthetic=args.synthetic)
+            export(config, result["trainer"], result["codec"], args.export, args.export_ema)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -236,16 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def export(config: Any, trainer: Any, directory: str, use_ema: bool, synthetic: bool) -> None:
+def export(config: Any, trainer: Any, codec: Any, directory: str, use_ema: bool) -> None:
+    """Writes the run as a MusicGen checkpoint; `codec`: the one the data was encoded with (None for synthetic
+    codes: a random codec of the config)."""
     from mgjax.codec.encodec import Codec
     from mgjax.export import export_musicgen
 
-    codec = Codec.from_config(config.codec, config.train.seed) if synthetic else load_codec(config)
-    tokenizer_dir = config.train.tokenizer_dir
-    if not tokenizer_dir and config.train.pretrained:
-        candidate = os.path.join(config.train.pretrained, "tokenizer")
-        tokenizer_dir = candidate if os.path.isdir(candidate) else ""
-    path = export_musicgen(trainer, codec, directory, tokenizer_dir=tokenizer_dir, use_ema=use_ema,
+    codec = codec or Codec.from_config(config.codec, config.train.seed)
+    path = export_musicgen(trainer, codec, directory, tokenizer_dir=tokenizer_directory(config), use_ema=use_ema,
                            source=f"train.py {config.train.output_dir} step {trainer.step_count}")
     print(f"exported the model to {path} (sample.py --checkpoint {directory})", flush=True)
 

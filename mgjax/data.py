@@ -201,11 +201,16 @@ def params_fingerprint(params: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(path: str, codec_config: Any, codec_fingerprint: str = "", chunk: int | str = 0) -> str:
-    """sha1 of (absolute path, mtime, size, codec config, codec weights, chunk size): a changed file or codec misses."""
+# Bumped when the way files are encoded changes (2: short files as one power-of-two chunk), so old caches miss.
+CACHE_VERSION = 2
+
+
+def cache_key(path: str, codec_config: Any, codec_fingerprint: str = "", chunk: int = 0) -> str:
+    """sha1 of (absolute path, mtime, size, codec config, codec weights, chunk size, cache version): a changed
+    file, codec or encoding misses."""
     stat = os.stat(path)
     payload = json.dumps([os.path.abspath(path), stat.st_mtime_ns, stat.st_size, to_dict(codec_config),
-                          codec_fingerprint, chunk], sort_keys=True)
+                          codec_fingerprint, chunk, CACHE_VERSION], sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()
 
 
@@ -237,7 +242,7 @@ class CodeCache:
         os.makedirs(directory, exist_ok=True)
 
     def path_for(self, audio_path: str) -> str:
-        key = cache_key(audio_path, self.codec.config, self.fingerprint, f"{self.chunk}/pow2")
+        key = cache_key(audio_path, self.codec.config, self.fingerprint, self.chunk)
         return os.path.join(self.directory, key + ".npz")
 
     def features(self, entry: Entry) -> dict[str, np.ndarray] | None:

@@ -2,7 +2,6 @@
 checkpoint, and the shipped demo checkpoint that `sample.py` uses by default."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from mgjax.api import MusicGen
 from mgjax.codec.encodec import Codec
 from mgjax.config import ConfigError, load_config, to_dict
 from mgjax.text.tokenizer import load_tokenizer, tokenize, train_word_tokenizer
+
+from helpers_scripts import load_script  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "mgjax", "assets", "demo")
@@ -39,10 +40,7 @@ def test_word_tokenizer_folds_case_and_keeps_t5_conventions(tmp_path):
 
 
 def _train_cli():
-    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train.py", "train_cli")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +73,8 @@ def test_train_on_codec_checkpoint_and_export_a_sampling_checkpoint(corpus, tmp_
     result = cli.train_run(config, quiet=True, checkpoints=False)
     trainer = result["trainer"]
     assert trainer.step_count == 2 and all(np.isfinite(result["losses"]))
-    cli.export(config, trainer, str(tmp_path / "exported"), use_ema=False, synthetic=False)
+    assert result["codec"].config == config.codec  # the codec of train.codec_checkpoint encoded the data
+    cli.export(config, trainer, result["codec"], str(tmp_path / "exported"), use_ema=False)
 
     mg = MusicGen.load(str(tmp_path / "exported"))
     assert mg.config.codec == config.codec and mg.config.lm == config.lm and mg.config.text == config.text
@@ -127,9 +126,7 @@ def test_adherence_eval_runs_on_the_shipped_model(tmp_path, capsys):
     """bench/eval_adherence.py end to end on two held-out captions: the table, the ceiling and the speed."""
     import json
 
-    spec = importlib.util.spec_from_file_location("eval_adherence", os.path.join(ROOT, "bench", "eval_adherence.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(os.path.join("bench", "eval_adherence.py"), "eval_adherence")
     report = tmp_path / "adherence.json"
     assert module.main(["--clips", "2", "--batch", "2", "--json", str(report)]) == 0
     out = capsys.readouterr().out

@@ -2,7 +2,6 @@
 bf16 compute, the schedule, and the train.py CLI. Single device (multi-device checks live in test_sharding.py)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import jax
@@ -14,6 +13,8 @@ from mgjax import checkpoint, sharding, training
 from mgjax.config import load_config
 from mgjax.data import SyntheticDataset
 from mgjax.lm.patterns import PATTERNS
+
+from helpers_scripts import load_script  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Most tests share these settings, so they share compiled programs (see training.programs); keep them aligned.
@@ -159,10 +160,7 @@ def test_warmup_cosine_schedule():
 
 
 def _train_cli():
-    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train.py", "train_cli")
 
 
 def test_train_cli_synthetic_run_and_resume(mesh, tmp_path, capsys):
