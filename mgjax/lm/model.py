@@ -15,7 +15,7 @@ the code embeddings and drops the prefix logits. In both, the projected text is 
 zero mask), the same as transformers' generate.
 
 KV cache (an explicit pytree, float in the compute dtype):
-    {'index': int32 [] (next write position), 'k', 'v': [L, B, P + max_length, H, Dh],
+    {'index': int32 [] (next write position), 'k', 'v': [L, B, H, P + max_length, Dh],
      'cross_k', 'cross_v': [L, B, Lc, H, Dh] and 'cross_mask': [B, Lc] (cross only)}
 where P is the prefix length (0 for cross). Positions are cache positions: the code column t sits at P + t.
 """
@@ -177,7 +177,7 @@ class MusicGenLM(nn.Module):
         dtype = jnp.dtype(c.compute_dtype)
         states = conds["states"].astype(dtype)
         batch, prefix = states.shape[0], (states.shape[1] if self.prepend else 0)
-        shape = (c.num_layers, batch, prefix + max_length, c.num_heads, c.head_dim)
+        shape = (c.num_layers, batch, c.num_heads, prefix + max_length, c.head_dim)
         cache = {"index": jnp.zeros((), jnp.int32), "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
         if not self.prepend:
             _, cross = self.layers.cross_key_value(states)

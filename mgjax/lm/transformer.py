@@ -90,19 +90,27 @@ def sinusoidal_positions(positions: Array, dim: int) -> Array:
     return emb
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *, heads_first: bool = False) -> Array:
     """Multi-head attention core; the one place to swap in a fused kernel.
 
-    q `[B, T, H, Dh]`, k/v `[B, S, H, Dh]`, mask bool broadcastable to `[B, H, T, S]` (True = attend) or None
-    -> `[B, T, H, Dh]` in v's dtype. Scores and softmax run in float32. A row with no allowed key gets uniform
-    weights (as transformers' additive `finfo.min` mask does), which averages the values.
+    q `[B, T, H, Dh]`, k/v `[B, S, H, Dh]` (or `[B, H, S, Dh]` with `heads_first`, the KV cache layout: each
+    head's keys contiguous, nothing transposed per decoding step), mask bool broadcastable to `[B, H, T, S]`
+    (True = attend) or None -> `[B, T, H, Dh]` in v's dtype. Scores and softmax run in float32. A row with no
+    allowed key gets uniform weights (as transformers' additive `finfo.min` mask does), which averages the values.
     """
+    kv = "bhsd" if heads_first else "bshd"
     scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"bthd,{kv}->bhts", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         scores = jnp.where(mask, scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+    return jnp.einsum(f"bhts,{kv}->bthd", probs.astype(v.dtype), v)
+
+
+def write_cache(cache: Array, new: Array, layer: Array, index: Array) -> Array:
+    """Writes keys or values `[B, T, H, Dh]` into the stacked cache `[L, B, H, S, Dh]` at `[layer, :, :, index]`."""
+    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)[None]
+    return lax.dynamic_update_slice(cache, new, (layer, 0, 0, index, 0))
 
 
 def causal_mask(length: int) -> Array:
@@ -203,7 +211,7 @@ class DecoderLayer(nn.Module):
         """One layer, as the body of the scan over layers.
 
         carry = (x `[B, T, D]`, cache, layer): cache is None (teacher-forced) or the WHOLE stacked self-attention
-        cache `{'k','v': [L, B, S, H, Dh]}`, updated in place at `[layer, :, index]` (carrying it, rather than
+        cache `{'k','v': [L, B, H, S, Dh]}`, updated in place at `[layer, :, :, index]` (carrying it, rather than
         scanning over its layers, keeps XLA from copying the whole cache every decoding step); layer int32.
         cond `[B, Lc, D]` projected condition states (teacher-forced cross mode) or None; cond_mask `[B, Lc]` bool or
         None; cross_kv `{'k','v': [B, Lc, H, Dh]}` precomputed (cached mode) or None; index int32: the cache
@@ -214,15 +222,14 @@ class DecoderLayer(nn.Module):
         q = self.self_attn.query(h)
         k, v = self.self_attn.key_value(h)
         if cache is None:
-            mask = causal_mask(x.shape[1])
+            attended = dot_product_attention(q, k, v, causal_mask(x.shape[1]))
         else:
-            start = (layer, 0, index, 0, 0)
-            cache = {"k": lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype)[None], start),
-                     "v": lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype)[None], start)}
+            cache = {name: write_cache(cache[name], new, layer, index) for name, new in (("k", k), ("v", v))}
             k = lax.dynamic_index_in_dim(cache["k"], layer, keepdims=False)
             v = lax.dynamic_index_in_dim(cache["v"], layer, keepdims=False)
-            mask = cached_causal_mask(index, x.shape[1], k.shape[1])
-        x = x + self.self_attn.output(dot_product_attention(q, k, v, mask))
+            attended = dot_product_attention(q, k, v, cached_causal_mask(index, x.shape[1], k.shape[2]),
+                                             heads_first=True)
+        x = x + self.self_attn.output(attended)
 
         if self.config.conditioning == "cross" and (cond is not None or cross_kv is not None):
             h = self.cross_attn_norm(x)
