@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PROMPT ?= an upbeat chiptune melody in A minor with drums, 140 bpm
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist processes (whole files per worker): most tests are bound by single-threaded XLA compilation.
+TEST_WORKERS ?= 2
 
 .PHONY: install sample test bench clean
 
@@ -19,7 +21,7 @@ sample: $(VENV)/.installed
 	$(PY) sample.py --prompt "$(PROMPT)" $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_codec.py

@@ -39,6 +39,8 @@ def parse_args(argv):
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    parser.add_argument("--int8", action="store_true",
+                        help="int8 LM weights: faster sampling on a CPU, slightly different tokens than float32")
     parser.add_argument("--continue", dest="continue_wav", default=None,
                         help="audio prompt to continue (resampled and mixed down as needed)")
     parser.add_argument("--melody", default=None,
@@ -123,6 +125,8 @@ def run(args) -> int:
     from mgjax.audio import load_audio, write_wav
 
     mg = mgjax.MusicGen.load(checkpoint_dir)
+    if args.int8:
+        mg = mg.with_int8_weights()
     prompt_audio = None
     if args.continue_wav:
         prompt_audio = load_audio(args.continue_wav, mg.sample_rate, mg.config.codec.channels)

@@ -150,6 +150,10 @@ def load_codec(config: Any) -> Any:
         warnings.warn("neither train.codec_checkpoint nor train.pretrained is set: encoding audio with a RANDOM "
                       "codec (only useful for tests)")
         return Codec.from_config(config.codec, config.train.seed)
+    if not os.path.isdir(source):
+        key = "codec_checkpoint" if config.train.codec_checkpoint else "pretrained"
+        raise ConfigError(f"train.{key}={source} is not a directory: train a codec with train_codec.py or convert "
+                          f"released weights with python -m mgjax.convert, then point train.{key} at it")
     codec = Codec.load(source)
     if codec.config != config.codec:
         raise ConfigError(f"the codec of {source} ({codec.config}) differs from the config's codec section "
@@ -224,6 +228,7 @@ def train_run(config: Any, *, synthetic: bool = False, steps: int | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from mgjax.checkpoint import CheckpointError
     from mgjax.config import ConfigError, load_config
     from mgjax.data import DataError
 
@@ -235,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train_run(config, synthetic=args.synthetic, steps=args.steps, fresh=args.fresh, quiet=args.quiet)
         if args.export:
             export(config, result["trainer"], result["codec"], args.export, args.export_ema)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     losses = result["losses"]

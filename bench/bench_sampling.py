@@ -69,17 +69,13 @@ def run_torch(source: str, batch: int, frames: int, threads: int) -> dict:
 
 
 def run_mgjax(checkpoint: str, batch: int, frames: int, weight_format: str) -> dict:
-    import dataclasses
-
     import mgjax
-    from mgjax.lm.model import quantize_lm_params
 
     mg = mgjax.MusicGen.load(checkpoint)
     quality = {}
     if weight_format == "int8":
         float_lm, float_config = mg.params["lm"], mg.config.lm
-        mg = mgjax.MusicGen(dataclasses.replace(mg.config, lm=dataclasses.replace(mg.config.lm, weight_format="int8")),
-                            dict(mg.params, lm=quantize_lm_params(mg.params["lm"])))
+        mg = mg.with_int8_weights()
         quality = int8_quality(float_config, float_lm, mg.config.lm, mg.params["lm"], mg)
     ids, mask = text_inputs(batch)
     duration = frames / mg.frame_rate

@@ -51,13 +51,13 @@ def test_sample_writes_wavs_of_the_requested_duration(converted, tmp_path):
         assert np.isfinite(data).all() and np.abs(data).max() > 0
 
 
-def test_sample_continues_an_audio_prompt(converted, tmp_path):
+def test_sample_continues_an_audio_prompt(converted, tmp_path):  # with int8 LM weights (--int8)
     prompt = tmp_path / "prompt.wav"
     t = np.arange(int(0.2 * 44100)) / 44100
     soundfile.write(prompt, np.stack([np.sin(2 * np.pi * 220 * t)] * 2, axis=1) * 0.5, 44100)  # stereo, 44.1 kHz
     out = tmp_path / "cont.wav"
     run("sample.py", "--checkpoint", str(converted), "--prompt", "calm piano", "--duration", "0.4",
-        "--continue", str(prompt), "--out", str(out), "--format", "float", "--no-progress")
+        "--continue", str(prompt), "--out", str(out), "--format", "float", "--no-progress", "--int8")
     data, rate = soundfile.read(out)
     assert rate == 32000 and abs(len(data) - 0.4 * 32000) <= 32000 / 50
 

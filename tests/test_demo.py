@@ -95,6 +95,27 @@ def test_train_refuses_a_codec_checkpoint_of_another_config(corpus, tmp_path):
         cli.load_codec(config)
 
 
+def test_train_cli_names_a_missing_codec_checkpoint(corpus, tmp_path, capsys):
+    missing = tmp_path / "no-codec"
+    status = _train_cli().main(["--config", "train-tiny", *BASE, f"train.codec_checkpoint={missing}",
+                                f"train.data_dir={corpus['manifest']}", f"train.output_dir={tmp_path / 'run'}",
+                                f"train.tokenizer_dir={corpus['tokenizer']}"])
+    err = capsys.readouterr().err
+    assert status == 2 and f"train.codec_checkpoint={missing} is not a directory" in err and "train_codec.py" in err
+
+
+def test_tokenizer_cli_names_a_missing_or_captionless_manifest(tmp_path, capsys):
+    from mgjax.text.tokenizer import main
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "missing.jsonl"), str(tmp_path / "tok")])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"path": "a.wav"}\n')
+    with pytest.raises(SystemExit):
+        main([str(empty), str(tmp_path / "tok")])
+    assert "no 'description'" in capsys.readouterr().err and not (tmp_path / "tok").exists()
+
+
 # ----------------------------------------------------------------------------------------------- the shipped model
 
 def test_shipped_demo_checkpoint_loads_and_follows_its_prompt():
@@ -110,6 +131,21 @@ def test_shipped_demo_checkpoint_loads_and_follows_its_prompt():
     assert not np.array_equal(out.codes[0], out.codes[1])
     again = mg.generate(prompts, duration=1.0, seed=0)
     np.testing.assert_array_equal(again.codes, out.codes)
+
+
+def test_int8_copy_of_the_demo_model_samples_close_to_float32():
+    """`with_int8_weights` leaves the float model untouched and greedy decoding mostly picks the same tokens."""
+    mg = MusicGen.load(DEMO)
+    fast = mg.with_int8_weights()
+    assert fast.config.lm.weight_format == "int8" and fast.with_int8_weights() is fast
+    assert fast.params["lm"]["layers"]["ffn"]["fc1"].dtype == np.int8
+    assert mg.params["lm"]["layers"]["ffn"]["fc1"].dtype == np.float32 and mg.config.lm.weight_format != "int8"
+    prompt = ["A calm sine pad melody in C major, slow, 80 bpm"]
+    exact = mg.generate(prompt, duration=0.5, greedy=True)
+    quick = fast.generate(prompt, duration=0.5, greedy=True)
+    assert quick.wav.shape == exact.wav.shape and np.isfinite(quick.wav).all()
+    agree = float(np.mean(quick.codes[:, 0] == exact.codes[:, 0]))
+    assert agree >= 0.5, agree  # greedy paths may part after a near-tie; they start the same
 
 
 def test_sample_cli_plays_the_demo_model_by_default(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 from mgjax.codec.quantizer import ResidualVQ
 from mgjax.codec.seanet import SEANetDecoder, SEANetEncoder
 from mgjax.config import CodecConfig
+from mgjax.sharding import jit_once
 
 
 class EncodecModel(nn.Module):
@@ -39,7 +40,8 @@ class EncodecModel(nn.Module):
 
 
 def init_codec_params(config: CodecConfig, seed: int = 0) -> dict:
-    """Random codec params (unboxed), e.g. for benchmarks or training from scratch."""
+    """Random codec params (unboxed), e.g. for benchmarks or training from scratch; traceable (called inside the
+    codec trainer's jitted init)."""
     model = EncodecModel(config)
     wav = jnp.zeros((1, config.hop_length * 2, config.channels), jnp.float32)
     return nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), wav)["params"])
@@ -78,7 +80,7 @@ class Codec:
 
     @classmethod
     def from_config(cls, config: CodecConfig, seed: int = 0) -> "Codec":
-        return cls(config, init_codec_params(config, seed))
+        return cls(config, jit_once(lambda: init_codec_params(config, seed))())
 
     @property
     def sample_rate(self) -> int:

@@ -84,8 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", help="output directory (transformers tokenizer files)")
     parser.add_argument("--min-frequency", type=int, default=1)
     args = parser.parse_args(argv)
-    with open(args.manifest) as f:
-        texts = [json.loads(line).get("description", "") for line in f if line.strip()]
+    try:
+        with open(args.manifest) as f:
+            texts = [json.loads(line).get("description", "") for line in f if line.strip()]
+    except FileNotFoundError:
+        parser.error(f"manifest {args.manifest} does not exist (make one with python -m mgjax.synth OUT_DIR)")
+    except (json.JSONDecodeError, AttributeError) as err:
+        parser.error(f"{args.manifest} is not a JSONL manifest with one object per line: {err}")
+    if not any(texts):
+        parser.error(f"{args.manifest} has no 'description' to learn words from")
     train_word_tokenizer(texts, args.out, args.min_frequency)
     size = len(load_tokenizer(args.out))
     print(f"tokenizer with {size} tokens written to {args.out} (set text.vocab_size >= {size})")
