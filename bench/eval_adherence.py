@@ -5,7 +5,9 @@ The captions are those of the synth corpus's held-out clips: (instrument, key) p
 the model generates a clip; the estimators of `mgjax.eval.attributes` (key by chroma templates, tempo by onset
 autocorrelation, instrument by harmonic levels, drums by kick-band energy) read the attributes back, and their
 accuracy is printed next to chance and next to the same estimators on the real held-out clips (the ceiling) and on
-those clips passed through the model's codec (what the codec keeps). Also prints the sampling speed.
+those clips passed through the model's codec (what the codec keeps). Also prints the sampling speed, and the LM's
+teacher-forced loss on the real clips with each caption as written and edited (mode swapped, tonic moved, another
+clip's caption): an edit that leaves the loss unchanged names an attribute the model does not read.
 
     python bench/eval_adherence.py [--checkpoint mgjax/assets/demo] [--clips 64] [--batch 16] [--json out.json]
 """
@@ -70,6 +72,50 @@ def generate_all(mg, captions: list[str], args) -> tuple[np.ndarray, dict]:
     return np.concatenate(wavs)[:len(captions)], speed
 
 
+def edited_captions(captions: list[str], truths: list[dict]) -> dict[str, list[str]]:
+    """The captions as written, with major/minor swapped, with the tonic moved up a fourth, and each with the next
+    clip's caption: what the LM's loss should be sensitive to if it reads each attribute."""
+    from mgjax import synth
+
+    def swap_mode(text, attrs):
+        other = "minor" if attrs["mode"] == "major" else "major"
+        return text.replace(attrs["key"], f"{attrs['tonic']} {other}")
+
+    def move_tonic(text, attrs):
+        tonic = synth.TONICS[(synth.TONICS.index(attrs["tonic"]) + 5) % 12]
+        return text.replace(attrs["key"], f"{tonic} {attrs['mode']}")
+
+    return {"as written": captions,
+            "major/minor swapped": [swap_mode(c, a) for c, a in zip(captions, truths)],
+            "tonic moved a fourth": [move_tonic(c, a) for c, a in zip(captions, truths)],
+            "another clip's caption": captions[1:] + captions[:1]}
+
+
+def caption_sensitivity(mg, real: np.ndarray, captions: list[str], truths: list[dict], batch: int) -> dict:
+    """Teacher-forced LM loss on the real clips' codes under each edit of `edited_captions` (no dropout, no CFG).
+    An attribute whose edit leaves the loss unchanged is one the model does not read from the caption."""
+    import jax
+    import jax.numpy as jnp
+
+    from mgjax import training
+
+    codes = np.concatenate([np.asarray(mg.encode(real[i:i + batch])) for i in range(0, len(real), batch)])
+    params = {name: value for name, value in mg.params.items() if name != "codec"}
+    loss_fn = jax.jit(lambda p, b: training.eval_step(mg.config, p, {}, b)["loss"])
+    losses = {}
+    for name, texts in edited_captions(captions, truths).items():
+        total = 0.0
+        for i in range(0, len(texts), batch):
+            ids, mask = mg.tokenize(texts[i:i + batch])
+            chunk = codes[i:i + batch]
+            loss = loss_fn(params, {"codes": jnp.asarray(chunk), "text_ids": jnp.asarray(ids),
+                                    "text_mask": jnp.asarray(mask),
+                                    "mask": jnp.ones((chunk.shape[0], chunk.shape[-1]), jnp.int32)})
+            total += float(loss) * len(chunk)  # every clip has as many tokens: a clip-weighted mean is exact
+        losses[name] = total / len(texts)
+    return losses
+
+
 def table(results: dict[str, dict], chance: dict) -> str:
     columns = list(results)
     lines = ["| attribute | " + " | ".join(columns) + " | chance | target |",
@@ -108,6 +154,10 @@ def main(argv=None) -> int:
     results = {"generated": score(generated), "real clips (ceiling)": score(real),
                "real through the codec": score(reconstructed)}
     print(table(results, attributes.CHANCE))
+    sensitivity = caption_sensitivity(mg, real, captions, truths, args.batch)
+    print("teacher-forced loss on the real clips by caption: " + ", ".join(
+        f"{name} {loss:.4f}" + ("" if name == "as written" else f" ({loss - sensitivity['as written']:+.4f})")
+        for name, loss in sensitivity.items()))
     print(f"sampling: {speed['audio_seconds_per_second']:.2f} s of audio per s (batch {args.batch}, CFG "
           f"{args.cfg}, {args.seconds:g} s clips; first batch with compilation {speed['first_batch_s']:.1f} s, "
           f"then {speed['steady_batch_s']:.1f} s per batch)")
@@ -115,6 +165,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": results, "chance": attributes.CHANCE, "speed": speed, "targets_met": met,
+                   "caption_sensitivity": sensitivity,
                        "args": vars(args)}, f, indent=1)
     print("targets met: " + ", ".join(f"{n} {'yes' if ok else 'NO'}" for n, ok in met.items()))
     return 0

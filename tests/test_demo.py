@@ -159,14 +159,18 @@ def test_sample_cli_plays_the_demo_model_by_default(tmp_path):
 
 
 def test_adherence_eval_runs_on_the_shipped_model(tmp_path, capsys):
-    """bench/eval_adherence.py end to end on two held-out captions: the table, the ceiling and the speed."""
+    """bench/eval_adherence.py end to end on three held-out captions: the table, the ceiling, the speed and the
+    caption sensitivity."""
     import json
 
     module = load_script(os.path.join("bench", "eval_adherence.py"), "eval_adherence")
     report = tmp_path / "adherence.json"
-    assert module.main(["--clips", "2", "--batch", "2", "--json", str(report)]) == 0
+    assert module.main(["--clips", "3", "--batch", "3", "--json", str(report)]) == 0
     out = capsys.readouterr().out
     assert "| key |" in out and "real clips (ceiling)" in out and "s of audio per s" in out
     results = json.loads(report.read_text())["results"]
     assert set(results) == {"generated", "real clips (ceiling)", "real through the codec"}
     assert results["real clips (ceiling)"]["instrument"] == 1.0  # the estimators read clean clips right
+    assert "major/minor swapped" in out
+    losses = json.loads(report.read_text())["caption_sensitivity"]
+    assert losses["another clip's caption"] > losses["as written"]  # the caption matters to the trained model
