@@ -1,13 +1,13 @@
 """Sampling speed: mgjax's compiled loop vs transformers `generate`, same random weights, same run.
 
 Rows: the musicgen-small decoder (d=1024, 24 layers, 16 heads, 4 x 2048) at batch 1 and 8, and a small shape
-(d=256, 6 layers) where per-step overhead rather than memory bandwidth decides; 500 frames (10 s) with CFG by
-default. Each engine runs in its own subprocess (so peak RSS is its own): transformers (float32), mgjax float32,
+(d=256, 6 layers) where per-step overhead rather than memory bandwidth decides; with CFG, 500 frames (10 s) by
+default (100 for the batch-8 row, which is 16 sequences with CFG). Each engine runs in its own subprocess (so peak RSS is its own): transformers (float32), mgjax float32,
 mgjax int8 (weight-only storage, int8 x int8 -> int32 matmuls with per-row activation scales). Compile time is
 reported apart. `bw %` is the parameter bytes read per step / step time, against a measured memory copy bandwidth.
 The last line is the ratio mgjax (best format) / transformers at the musicgen-small shape, batch 1.
 
-Usage: python bench/bench_sampling.py [--frames 500] [--rows small,tiny,small-b8] [--threads N]
+Usage: python bench/bench_sampling.py [--frames N (all rows)] [--rows small,tiny,small-b8] [--threads N]
 """
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ import sys
 import tempfile
 import time
 
-SHAPES = {  # name: (decoder kwargs, batch)
-    "small": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096), 1),
-    "tiny": (dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, ffn_dim=1024), 1),
-    "small-b8": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096), 8),
+SHAPES = {  # name: (decoder kwargs, batch, default frames)
+    "small": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096), 1, 500),
+    "tiny": (dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, ffn_dim=1024), 1, 500),
+    # 100 frames: at 500 this row alone takes ~30 min of a 2-core CPU (batch 8 with CFG is 16 sequences).
+    "small-b8": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096), 8, 100),
 }
 TEXT_LEN = 12
 
@@ -37,7 +38,7 @@ def build_source(shape: str, directory: str) -> None:
     from oracle import codec_config
 
     torch.manual_seed(0)
-    decoder, _ = SHAPES[shape]
+    decoder = SHAPES[shape][0]
     config = transformers.MusicgenConfig(
         text_encoder=transformers.T5Config(vocab_size=64, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=1),
         audio_encoder=codec_config(4, 2048),
@@ -177,7 +178,8 @@ def spawn(engine: str, source: str, checkpoint: str, batch: int, frames: int, th
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=500)
+    parser.add_argument("--frames", type=int, default=None,
+                        help="frames per row (default: 500; 100 for the batch-8 row)")
     parser.add_argument("--rows", default="small,tiny,small-b8")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -190,19 +192,21 @@ def main() -> None:
         args.engine = args.child
         return child(args)
 
-    bandwidth = spawn("bandwidth", "", "", 1, args.frames, args.threads, "small")["gbps"]
-    print(f"frames {args.frames} (+3 delay steps), CFG 3, top-k 250, threads {args.threads}; "
+    bandwidth = spawn("bandwidth", "", "", 1, 0, args.threads, "small")["gbps"]
+    print(f"+3 delay steps per row, CFG 3, top-k 250, threads {args.threads}; "
           f"copy bandwidth {bandwidth:.1f} GB/s (read + write)")
-    print(f"{'row':9} {'engine':12} {'steps/s':>8} {'x torch':>8} {'compile s':>9} {'peak GB':>8} {'bw %':>6}  quality")
+    print(f"{'row':9} {'frames':>6} {'engine':12} {'steps/s':>8} {'x torch':>8} {'compile s':>9} {'peak GB':>8} "
+          f"{'bw %':>6}  quality")
     headline = None
     with tempfile.TemporaryDirectory() as tmp:
         for row in args.rows.split(","):
-            _, batch = SHAPES[row]
+            _, batch, default_frames = SHAPES[row]
+            frames = args.frames or default_frames
             source, checkpoint = os.path.join(tmp, f"{row}-hf"), os.path.join(tmp, f"{row}-mg")
             if not os.path.isdir(source):
-                spawn("prepare", source, checkpoint, batch, args.frames, args.threads, row)
-            steps = args.frames + 3
-            results = {engine: spawn(engine, source, checkpoint, batch, args.frames, args.threads, row)
+                spawn("prepare", source, checkpoint, batch, frames, args.threads, row)
+            steps = frames + 3
+            results = {engine: spawn(engine, source, checkpoint, batch, frames, args.threads, row)
                        for engine in ("torch", "mgjax-float32", "mgjax-int8")}
             torch_rate = steps / results["torch"]["seconds"]
             for engine, result in results.items():
@@ -214,13 +218,14 @@ def main() -> None:
                 if "int8_rel_err" in result:
                     quality = (f"logit err {result['int8_rel_err']:.3f} std, argmax agrees "
                                f"{100 * result['int8_argmax_agree']:.1f}%")
-                print(f"{row:9} {engine:12} {rate:8.2f} {rate / torch_rate:8.2f} {result['compile']:9.1f} "
+                print(f"{row:9} {frames:6d} {engine:12} {rate:8.2f} {rate / torch_rate:8.2f} {result['compile']:9.1f} "
                       f"{result['peak_rss_gb']:8.2f} {bw:>6}  {quality}", flush=True)
             if row == "small":
                 best = max(steps / results[e]["seconds"] for e in ("mgjax-float32", "mgjax-int8"))
                 headline = best / torch_rate
     if headline is not None:
-        print(f"speed ratio mgjax vs transformers (musicgen-small decoder, batch 1, CFG): {headline:.2f}x")
+        print(f"speed ratio mgjax vs transformers (musicgen-small decoder, batch 1, CFG, "
+              f"{args.frames or SHAPES['small'][2]} frames): {headline:.2f}x")
 
 
 if __name__ == "__main__":
