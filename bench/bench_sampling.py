@@ -2,10 +2,11 @@
 
 Rows: the musicgen-small decoder (d=1024, 24 layers, 16 heads, 4 x 2048) at batch 1 and 8, and a small shape
 (d=256, 6 layers) where per-step overhead rather than memory bandwidth decides; with CFG, 500 frames (10 s) by
-default (100 for the batch-8 row, which is 16 sequences with CFG). Each engine runs in its own subprocess (so peak RSS is its own): transformers (float32), mgjax float32,
-mgjax int8 (weight-only storage, int8 x int8 -> int32 matmuls with per-row activation scales). Compile time is
-reported apart. `bw %` is the parameter bytes read per step / step time, against a measured memory copy bandwidth.
-The last line is the ratio mgjax (best format) / transformers at the musicgen-small shape, batch 1.
+default (100 for the batch-8 row, which is 16 sequences with CFG). Each engine runs in its own subprocess (so peak
+RSS is its own): transformers (float32), mgjax float32, mgjax int8 (weight-only storage, int8 x int8 -> int32
+matmuls with per-row activation scales). Compile time is reported apart. `bw %` is the parameter bytes read per
+step / step time, against a measured memory copy bandwidth. The last line is the ratio mgjax (best format) /
+transformers at the musicgen-small shape, batch 1.
 
 Usage: python bench/bench_sampling.py [--frames N (all rows)] [--rows small,tiny,small-b8] [--threads N]
 """

@@ -77,13 +77,18 @@ def edited_captions(captions: list[str], truths: list[dict]) -> dict[str, list[s
     clip's caption: what the LM's loss should be sensitive to if it reads each attribute."""
     from mgjax import synth
 
+    def replace_key(text, attrs, key):
+        if attrs["key"] not in text:  # an edit that changes nothing would read as "the model ignores this word"
+            raise ValueError(f"caption {text!r} does not name its key {attrs['key']!r}")
+        return text.replace(attrs["key"], key)
+
     def swap_mode(text, attrs):
         other = "minor" if attrs["mode"] == "major" else "major"
-        return text.replace(attrs["key"], f"{attrs['tonic']} {other}")
+        return replace_key(text, attrs, f"{attrs['tonic']} {other}")
 
     def move_tonic(text, attrs):
         tonic = synth.TONICS[(synth.TONICS.index(attrs["tonic"]) + 5) % 12]
-        return text.replace(attrs["key"], f"{tonic} {attrs['mode']}")
+        return replace_key(text, attrs, f"{tonic} {attrs['mode']}")
 
     return {"as written": captions,
             "major/minor swapped": [swap_mode(c, a) for c, a in zip(captions, truths)],
@@ -91,15 +96,14 @@ def edited_captions(captions: list[str], truths: list[dict]) -> dict[str, list[s
             "another clip's caption": captions[1:] + captions[:1]}
 
 
-def caption_sensitivity(mg, real: np.ndarray, captions: list[str], truths: list[dict], batch: int) -> dict:
-    """Teacher-forced LM loss on the real clips' codes under each edit of `edited_captions` (no dropout, no CFG).
-    An attribute whose edit leaves the loss unchanged is one the model does not read from the caption."""
+def caption_sensitivity(mg, codes: np.ndarray, captions: list[str], truths: list[dict], batch: int) -> dict:
+    """Teacher-forced LM loss on the real clips' codes `[count, K, T]` under each edit of `edited_captions` (no
+    dropout, no CFG). An attribute whose edit leaves the loss unchanged is one the model does not read."""
     import jax
     import jax.numpy as jnp
 
     from mgjax import training
 
-    codes = np.concatenate([np.asarray(mg.encode(real[i:i + batch])) for i in range(0, len(real), batch)])
     params = {name: value for name, value in mg.params.items() if name != "codec"}
     loss_fn = jax.jit(lambda p, b: training.eval_step(mg.config, p, {}, b)["loss"])
     losses = {}
@@ -142,7 +146,9 @@ def main(argv=None) -> int:
     print(f"{args.checkpoint}: {len(captions)} held-out captions, e.g. {captions[0]!r}", flush=True)
 
     generated, speed = generate_all(mg, captions, args)
-    reconstructed = np.concatenate([np.asarray(mg.decode(mg.encode(real[i:i + args.batch])))
+    real_codes = np.concatenate([np.asarray(mg.encode(real[i:i + args.batch]))
+                                 for i in range(0, len(real), args.batch)])  # [count, K, T]
+    reconstructed = np.concatenate([np.asarray(mg.decode(real_codes[i:i + args.batch]))
                                     for i in range(0, len(real), args.batch)])
     if args.save_wavs:
         for i, wav in enumerate(generated):
@@ -154,7 +160,7 @@ def main(argv=None) -> int:
     results = {"generated": score(generated), "real clips (ceiling)": score(real),
                "real through the codec": score(reconstructed)}
     print(table(results, attributes.CHANCE))
-    sensitivity = caption_sensitivity(mg, real, captions, truths, args.batch)
+    sensitivity = caption_sensitivity(mg, real_codes, captions, truths, args.batch)
     print("teacher-forced loss on the real clips by caption: " + ", ".join(
         f"{name} {loss:.4f}" + ("" if name == "as written" else f" ({loss - sensitivity['as written']:+.4f})")
         for name, loss in sensitivity.items()))
@@ -165,8 +171,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": results, "chance": attributes.CHANCE, "speed": speed, "targets_met": met,
-                   "caption_sensitivity": sensitivity,
-                       "args": vars(args)}, f, indent=1)
+                       "caption_sensitivity": sensitivity, "args": vars(args)}, f, indent=1)
     print("targets met: " + ", ".join(f"{n} {'yes' if ok else 'NO'}" for n, ok in met.items()))
     return 0
 
