@@ -163,6 +163,9 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from mgjax.runtime import keep_host_memory
+
+    keep_host_memory()  # before JAX starts its threads
     try:
         return run(args)
     except CliError as err:

@@ -228,6 +228,9 @@ def train_run(config: Any, *, synthetic: bool = False, steps: int | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from mgjax.runtime import keep_host_memory
+
+    keep_host_memory()  # before JAX starts its threads: no page faults on each step's temp buffer
     from mgjax.checkpoint import CheckpointError
     from mgjax.config import ConfigError, load_config
     from mgjax.data import DataError

@@ -87,6 +87,9 @@ def sample_batch(clips: list, seed: int, step: int, batch_size: int, length: int
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from mgjax.runtime import keep_host_memory
+
+    keep_host_memory()  # before JAX starts its threads: no page faults on each step's temp buffer
     import jax
     import numpy as np
 

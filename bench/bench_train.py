@@ -145,6 +145,9 @@ def main() -> None:
     if args.threads == 1:  # must precede the first JAX import
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    from mgjax.runtime import keep_host_memory
+
+    kept = keep_host_memory()  # as train.py does; torch's step is unaffected (measured)
     import jax
     import torch
 
@@ -161,7 +164,7 @@ def main() -> None:
 
     print(f"device: {jax.devices()[0].device_kind} ({jax.device_count()} device), torch {torch.__version__} "
           f"threads {args.threads}{' (XLA single-threaded too)' if args.threads == 1 else ''}, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, host memory kept {kept}")
     print(f"LM: dim {config.lm.dim}, {config.lm.num_layers} layers, {config.lm.num_heads} heads, ffn "
           f"{config.lm.ffn_dim}, card {config.lm.card}, K {config.lm.num_codebooks}; params mgjax {n_mg / 1e6:.1f}M, "
           f"transformers {n_pt / 1e6:.1f}M; compute {args.compute_dtype}")

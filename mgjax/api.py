@@ -16,7 +16,7 @@ from mgjax.codec.encodec import Codec, EncodecModel
 from mgjax.config import ConfigError, MusicGenConfig, T5Config, from_dict
 from mgjax.lm.model import MusicGenLM, quantize_lm_params
 from mgjax.sampling import SamplingConfig, generate_codes, progress_callback
-from mgjax.sharding import jit_once
+from mgjax.runtime import jit_once
 from mgjax.text.t5 import T5Encoder
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from mgjax.config import ConfigError
+from mgjax.runtime import jit_once
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -117,30 +118,6 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh,
     shapes = nn.meta.unbox(abstract_boxed)
     return jax.tree.map(lambda spec, leaf: NamedSharding(mesh, mesh_spec(spec, leaf.shape, mesh, rules)),
                         specs, shapes, is_leaf=lambda x: isinstance(x, P))
-
-
-# Parameter init runs once, so its machine code need not be fast: with the backend's optimisation off it compiles
-# ~4x sooner (a tiny codec's init: 5 s instead of 21 s on a 2-core CPU).
-ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
-def jit_once(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
-    """`jax.jit(fn, **jit_kwargs)` for programs run once or rarely (parameter init), compiled with
-    `ONCE_COMPILER_OPTIONS`; one compilation per argument signature. Under a trace (e.g. `jax.eval_shape`) it is the
-    plain jitted function."""
-    jitted = jax.jit(fn, **jit_kwargs)
-    compiled: dict = {}
-
-    def call(*args):
-        leaves = jax.tree.leaves(args)
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
-            return jitted(*args)
-        signature = (jax.tree.structure(args), tuple(jax.typeof(leaf) for leaf in leaves))
-        if signature not in compiled:
-            compiled[signature] = jitted.lower(*args).compile(compiler_options=ONCE_COMPILER_OPTIONS)
-        return compiled[signature](*args)
-
-    return call
 
 
 def sharded_initializer(init_fn: Callable[..., Any], mesh: Mesh, *args: Any) -> tuple[Callable[..., Any], Any]:

@@ -11,7 +11,7 @@ import numpy as np
 from mgjax.codec.quantizer import ResidualVQ
 from mgjax.codec.seanet import SEANetDecoder, SEANetEncoder
 from mgjax.config import CodecConfig
-from mgjax.sharding import jit_once
+from mgjax.runtime import jit_once
 
 
 class EncodecModel(nn.Module):
