@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true",
                         help="never resume: fail if <output_dir>/checkpoints already holds checkpoints")
     parser.add_argument("--sweep", default=None, help="a sweep YAML: train every variant, print a table")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-step logs")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar or per-step logs on the console (metrics.jsonl is still written)")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="after training, write the model (codec + text encoder + LM + tokenizer) as a MusicGen "
                              "checkpoint to DIR, for sample.py --checkpoint DIR")
@@ -46,21 +47,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------- logging
 
 class Logger:
-    """Progress bar (tqdm, else plain prints) + optional TensorBoard; silent on hosts other than 0."""
+    """Progress bar (tqdm, else plain prints) unless quiet, metrics.jsonl and optional TensorBoard always; silent on
+    hosts other than 0."""
 
     def __init__(self, output_dir: str, start: int, total: int, *, tensorboard: bool, quiet: bool):
         import jax
 
-        self.active = jax.process_index() == 0 and not quiet
+        self.active = jax.process_index() == 0
+        self.console = self.active and not quiet
         self.bar = self.writer = self.metrics_file = None
         if not self.active:
             return
         self.metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
-        try:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
-        except ImportError:
-            pass
+        if self.console:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+            except ImportError:
+                pass
         if tensorboard:
             self.writer = _tensorboard_writer(os.path.join(output_dir, "tb"))
 
@@ -76,7 +80,7 @@ class Logger:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(f"loss {float(metrics['loss']):.4f} tok/s {metrics['tokens_per_s']:.0f}")
             self.bar.write(line)
-        else:
+        elif self.console:
             print(line, flush=True)
         record = {"step": step, "time": round(time.time(), 1),
                   **{k: float(v) for k, v in metrics.items() if k != "per_codebook"},

@@ -4,11 +4,13 @@ One step = forward + backward + global-norm clipping + AdamW on the decoder LM (
 of width 768 through the text projection; the frozen T5 forward is left out on both sides). mgjax runs its real
 train step (`training.Trainer`, delay pattern, masked loss, jitted with shardings); transformers gets the same
 delayed code sequence, labels and an `nn.Linear` text projection, and `torch.optim.AdamW`. Compile/warm-up steps
-are not timed; the two sides are timed in alternation and the medians reported. Last line: the ratio (mgjax tokens/s / transformers
-tokens/s; > 1 means mgjax is faster). Tokens = B * K * T codes per step.
+are not timed; the two sides are timed in alternating blocks of steps and the medians reported. Last line: the
+ratio (mgjax tokens/s / transformers tokens/s; > 1 means mgjax is faster). Tokens = B * K * T codes per step.
+`--demo` benches the demo LM's shape (d 256, 4 layers, ffn 1024, card 256, batch 16 x 100 frames: its 4 s at
+25 frames/s).
 
-Usage: python bench/bench_train.py [--dim 512 --layers 6 --heads 8 --ffn 2048 --batch 4 --seconds 3 --steps 5]
-                                   [--threads N] [--compute-dtype bfloat16]
+Usage: python bench/bench_train.py [--dim 512 --layers 6 --heads 8 --ffn 2048 --batch 4 --seconds 3 --steps 6]
+                                   [--demo] [--block 3] [--threads N] [--compute-dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -30,13 +32,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=3.0, help="segment length (50 frames per second)")
     parser.add_argument("--text-len", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--block", type=int, default=3, help="steps per side before switching (1: strict A/B)")
     parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch threads; 1 also makes XLA single-threaded (fairer on a busy shared machine, "
                              "where torch's spinning OpenMP threads suffer most)")
-    return parser.parse_args()
+    parser.add_argument("--demo", action="store_true", help="the demo LM's shape (overrides the size flags)")
+    args = parser.parse_args()
+    if args.demo:
+        args.dim, args.layers, args.heads, args.ffn, args.card, args.batch, args.seconds = 256, 4, 8, 1024, 256, 16, 2.0
+    return args
 
 
 def make_config(args):
@@ -67,18 +74,21 @@ def first_call(step) -> float:
     return time.perf_counter() - start
 
 
-def time_interleaved(steps: dict, warmup: int, rounds: int) -> dict[str, float]:
-    """Median seconds per step of each entry, timed in alternation (A, B, A, B, ...) after `warmup` calls each, so
-    both see the same background load on a shared machine."""
+def time_interleaved(steps: dict, warmup: int, rounds: int, block: int = 1) -> dict[str, float]:
+    """Median seconds per step of each entry, timed in alternating blocks of `block` steps (A, B, A, B, ... for
+    block 1) after `warmup` calls each, so both see the same background load on a shared machine. Blocks longer
+    than one step keep each runtime's idle worker threads (XLA's and OpenMP's spin a while after a step) from
+    slowing the other's next step, which a real training job never sees."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
+    for _ in range(-(-rounds // block)):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(block):
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -159,7 +169,8 @@ def main() -> None:
     mg_first = first_call(mg_step)
     pt_step, n_pt = torch_step(config, batch, args.threads)
     pt_first = first_call(pt_step)
-    median = time_interleaved({"mgjax": mg_step, "transformers": pt_step}, args.warmup - 1, args.steps)
+    median = time_interleaved({"mgjax": mg_step, "transformers": pt_step}, args.warmup - 1, args.steps,
+                              args.block)
     mg_s, pt_s = median["mgjax"], median["transformers"]
 
     print(f"device: {jax.devices()[0].device_kind} ({jax.device_count()} device), torch {torch.__version__} "

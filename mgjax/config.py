@@ -151,6 +151,11 @@ class TrainConfig:
     grad_accum_steps: int = 1
     ema_decay: float = 0.0  # 0 disables EMA
     cfg_dropout: float = 0.1
+    # Targets in the first `opening_seconds` of each segment weigh `opening_loss_weight` in the training loss (the
+    # validation loss stays unweighted). At a segment's start the caption is the only source of what the audio
+    # context later gives away (key, instrument), so this strengthens the prompt's hold on how a clip begins.
+    opening_seconds: float = 0.0
+    opening_loss_weight: float = 1.0
     train_text_encoder: bool = False
     mesh_shape: tuple[int, ...] = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
     checkpoint_every: int = 500
@@ -197,6 +202,9 @@ class MusicGenConfig:
         if self.codec.n_q != self.lm.num_codebooks:
             raise ConfigError(
                 f"codec.n_q={self.codec.n_q} differs from lm.num_codebooks={self.lm.num_codebooks}; set both alike")
+        if self.train.opening_seconds < 0 or self.train.opening_loss_weight <= 0:
+            raise ConfigError(f"train.opening_seconds must be >= 0 and train.opening_loss_weight > 0, got "
+                              f"{self.train.opening_seconds} and {self.train.opening_loss_weight}")
         if self.codec.codebook_size != self.lm.card:
             raise ConfigError(
                 f"codec.codebook_size={self.codec.codebook_size} differs from lm.card={self.lm.card}; set both alike")

@@ -200,9 +200,20 @@ def text_condition(config: MusicGenConfig, params: dict, frozen: dict, batch: Ba
     return states, batch["text_mask"]
 
 
+def opening_weights(config: MusicGenConfig, timesteps: int) -> jax.Array | None:
+    """`[T]` loss weights: `train.opening_loss_weight` on the frames of the first `train.opening_seconds`, 1 after;
+    None when nothing is weighted."""
+    train = config.train
+    frames = int(round(train.opening_seconds * config.codec.frame_rate))
+    if frames == 0 or train.opening_loss_weight == 1.0:
+        return None
+    return jnp.where(jnp.arange(timesteps) < frames, train.opening_loss_weight, 1.0).astype(jnp.float32)
+
+
 def pattern_loss(config: MusicGenConfig, pattern: Pattern, params: dict, frozen: dict, batch: Batch,
-                 drop: jax.Array) -> tuple[jax.Array, dict]:
-    """Masked per-codebook cross-entropy of the LM on `batch` -> (loss, {'per_codebook': [K], 'tokens': []})."""
+                 drop: jax.Array, *, weighted: bool = False) -> tuple[jax.Array, dict]:
+    """Masked per-codebook cross-entropy of the LM on `batch` -> (loss, {'per_codebook': [K], 'tokens': []});
+    `weighted`: with the training loss's `opening_weights`."""
     lm = config.lm
     codes = batch["codes"]
     timesteps = codes.shape[-1]
@@ -215,7 +226,8 @@ def pattern_loss(config: MusicGenConfig, pattern: Pattern, params: dict, frozen:
     logits = MusicGenLM(lm).apply({"params": params["lm"]}, seq, cond, cond_mask, chroma=chroma)
     logits, valid = pattern.revert_logits(logits, timesteps=timesteps)  # [B, K, T, card], [K, T]
     mask = jnp.asarray(valid)[None] & batch["mask"].astype(bool)[:, None, :]
-    loss, per_codebook = codebook_cross_entropy(logits, codes, mask)
+    weights = opening_weights(config, timesteps) if weighted else None
+    loss, per_codebook = codebook_cross_entropy(logits, codes, mask, weights)
     return loss, {"per_codebook": per_codebook, "tokens": mask.sum().astype(jnp.float32)}
 
 
@@ -236,7 +248,8 @@ def loss_and_grads(config: MusicGenConfig, pattern: Pattern, mesh: jax.sharding.
     Every microbatch weighs the same, so this is the full-batch gradient when the microbatches hold equally many
     valid targets (always, without padding); the condition dropout `drop` is shared by all of them.
     """
-    grad_fn = jax.value_and_grad(lambda p, b: pattern_loss(config, pattern, p, frozen, b, drop), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, b: pattern_loss(config, pattern, p, frozen, b, drop, weighted=True),
+                                 has_aux=True)
     steps = config.train.grad_accum_steps
     if steps <= 1:
         (loss, aux), grads = grad_fn(params, batch)

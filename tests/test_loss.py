@@ -9,17 +9,19 @@ import pytest
 from mgjax.lm.loss import codebook_cross_entropy
 
 
-def numpy_reference(logits, codes, mask):
-    """audiocraft's formula written out: per codebook, mean of -log softmax over valid positions; mean over K."""
+def numpy_reference(logits, codes, mask, time_weights=None):
+    """audiocraft's formula written out: per codebook, mean of -log softmax over valid positions; mean over K.
+    With `time_weights` `[T]`: the weighted mean over valid positions instead."""
     logits = logits.astype(np.float64)
     log_probs = logits - logits.max(-1, keepdims=True)
     log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
     mask = np.broadcast_to(mask, codes.shape)
+    weight = np.ones(codes.shape[2]) if time_weights is None else time_weights
     per_codebook = []
     for k in range(codes.shape[1]):
-        terms = [-log_probs[b, k, t, codes[b, k, t]]
+        terms = [(weight[t], -log_probs[b, k, t, codes[b, k, t]])
                  for b in range(codes.shape[0]) for t in range(codes.shape[2]) if mask[b, k, t]]
-        per_codebook.append(sum(terms) / len(terms))
+        per_codebook.append(sum(w * x for w, x in terms) / sum(w for w, _ in terms))
     return np.mean(per_codebook), np.array(per_codebook)
 
 
@@ -48,6 +50,22 @@ def test_matches_reference_and_averages_per_codebook():
     np.testing.assert_allclose(per_codebook, ref_per_codebook, rtol=1e-5)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     assert per_codebook.shape == (k,) and loss.dtype == jnp.float32
+
+
+def test_time_weights_give_the_weighted_mean_over_valid_positions():
+    rng = np.random.default_rng(1)
+    b, k, t, card = 2, 3, 9, 7
+    logits = rng.normal(size=(b, k, t, card)).astype(np.float32) * 2
+    codes = rng.integers(0, card, (b, k, t))
+    mask = rng.random((b, k, t)) < 0.7
+    weights = np.where(np.arange(t) < 4, 5.0, 1.0).astype(np.float32)  # an opening weighted 5x
+    loss, per_codebook = codebook_cross_entropy(logits, codes, mask, weights)
+    ref_loss, ref_per_codebook = numpy_reference(logits, codes, mask, weights)
+    np.testing.assert_allclose(per_codebook, ref_per_codebook, rtol=1e-5)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    assert abs(float(loss) - numpy_reference(logits, codes, mask)[0]) > 1e-3  # the weights do change the loss
+    np.testing.assert_allclose(codebook_cross_entropy(logits, codes, mask, np.ones(t))[0],
+                               codebook_cross_entropy(logits, codes, mask)[0], rtol=1e-6)
 
 
 def test_matches_torch_cross_entropy():

@@ -2,6 +2,7 @@
 bf16 compute, the schedule, and the train.py CLI. Single device (multi-device checks live in test_sharding.py)."""
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -132,6 +133,26 @@ def test_cfg_dropout_gives_the_null_condition_to_the_whole_batch(mesh):
     assert not cond.any() and not mask.any()
 
 
+def test_opening_loss_weight_weighs_the_training_loss_only(mesh):
+    config = tiny("train.opening_seconds=0.2", "train.opening_loss_weight=4")
+    frames = round(0.2 * config.codec.frame_rate)
+    weights = np.asarray(training.opening_weights(config, 30))
+    assert (weights[:frames] == 4).all() and (weights[frames:] == 1).all()
+    assert training.opening_weights(tiny(), 30) is None
+    plain = tiny()
+    prog, plain_prog = training.programs(config, mesh), training.programs(plain, mesh)
+    state, frozen = prog.init_state(jax.random.PRNGKey(0)), prog.init_frozen(jax.random.PRNGKey(0))
+    batch = sharding.global_batch(synthetic(config).batch(0), mesh)
+    # Validation stays the plain mean, whatever the training weights.
+    assert float(prog.eval_step(state.params, frozen, batch)["loss"]) == pytest.approx(
+        float(plain_prog.eval_step(state.params, frozen, batch)["loss"]), abs=1e-6)
+    unweighted = float(plain_prog.train_step(prog.init_state(jax.random.PRNGKey(0)), frozen, batch)[1]["loss"])
+    weighted = float(prog.train_step(state, frozen, batch)[1]["loss"])  # the state is donated: used last
+    assert abs(weighted - unweighted) > 1e-4
+    with pytest.raises(Exception, match="opening_loss_weight"):
+        tiny("train.opening_loss_weight=0")
+
+
 def test_text_encoder_is_frozen_unless_asked(mesh):
     frozen_cfg = tiny()
     trainer = training.Trainer.create(frozen_cfg, mesh)
@@ -167,8 +188,11 @@ def test_train_cli_synthetic_run_and_resume(mesh, tmp_path, capsys):
     cli = _train_cli()
     args = ["--config", "train-tiny", "--synthetic", *BASE, f"train.output_dir={tmp_path}",
             "train.checkpoint_every=3", "train.eval_every=3", "train.log_every=3"]
-    assert cli.main(args + ["--steps", "3"]) == 0
+    assert cli.main(args + ["--steps", "3", "--quiet"]) == 0
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+    assert "step 3 loss" not in capsys.readouterr().out  # quiet: nothing per step on the console...
+    with open(tmp_path / "metrics.jsonl") as f:  # ...but the metrics are still recorded
+        assert [json.loads(line)["step"] for line in f] == [3]
     assert cli.main(args) == 0
     captured = capsys.readouterr()
     out = captured.out + captured.err

@@ -7,13 +7,15 @@ import jax
 import jax.numpy as jnp
 
 
-def codebook_cross_entropy(logits: Any, codes: Any, mask: Any) -> tuple[jax.Array, jax.Array]:
+def codebook_cross_entropy(logits: Any, codes: Any, mask: Any, weights: Any = None) -> tuple[jax.Array, jax.Array]:
     """Cross-entropy per codebook, averaged over its valid positions, then averaged over codebooks.
 
     Args:
       logits: `[B, K, T, card]` float (any float dtype; the math is float32).
       codes: `[B, K, T]` int targets; masked positions may hold anything (special token, -1).
       mask: `[B, K, T]` or `[K, T]` bool, True where the target counts (e.g. `revert_logits`' mask & padding).
+      weights: None, or float weights broadcastable to `[B, K, T]` (e.g. `[T]`): codebook k's loss is then the
+        weighted mean `sum(w * nll) / sum(w)` over its valid positions.
     Returns:
       `(loss, per_codebook)`: scalar float32, and `[K]` float32.
 
@@ -39,6 +41,11 @@ def codebook_cross_entropy(logits: Any, codes: Any, mask: Any) -> tuple[jax.Arra
     targets = jnp.where(mask, codes, 0).astype(jnp.int32)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = jnp.where(mask, jax.nn.logsumexp(logits, axis=-1) - target_logits, 0.0)  # [B, K, T]
-    counts = mask.sum(axis=(0, 2))
-    per_codebook = nll.sum(axis=(0, 2)) / jnp.maximum(counts, 1).astype(jnp.float32)
+    if weights is None:
+        counts = mask.sum(axis=(0, 2)).astype(jnp.float32)
+        per_codebook = nll.sum(axis=(0, 2)) / jnp.maximum(counts, 1.0)
+    else:
+        weights = jnp.where(mask, jnp.broadcast_to(jnp.asarray(weights, jnp.float32), shape), 0.0)
+        total = weights.sum(axis=(0, 2))
+        per_codebook = (weights * nll).sum(axis=(0, 2)) / jnp.where(total > 0, total, 1.0)
     return per_codebook.mean(), per_codebook
