@@ -37,32 +37,35 @@ def test_hand_example():
     np.testing.assert_allclose(loss, (math.log(2.0) - math.log(0.75)) / 2, rtol=1e-6)
 
 
-def test_matches_reference_and_averages_per_codebook():
-    rng = np.random.default_rng(0)
-    b, k, t, card = 3, 4, 7, 11
+def random_case(seed: int, b: int, k: int, t: int, card: int, valid: float):
+    """Random logits `[B, K, T, card]`, codes `[B, K, T]` and a mask with about `valid` of the positions set."""
+    rng = np.random.default_rng(seed)
     logits = rng.normal(size=(b, k, t, card)).astype(np.float32) * 3
-    codes = rng.integers(0, card, (b, k, t))
-    mask = rng.random((b, k, t)) < 0.6
-    mask[:, 3] = False
-    mask[1, 3, 2] = True  # codebook 3 has a single valid position: it still weighs 1/K in the loss
-    loss, per_codebook = codebook_cross_entropy(logits, codes, mask)
-    ref_loss, ref_per_codebook = numpy_reference(logits, codes, mask)
-    np.testing.assert_allclose(per_codebook, ref_per_codebook, rtol=1e-5)
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    assert per_codebook.shape == (k,) and loss.dtype == jnp.float32
+    return logits, rng.integers(0, card, (b, k, t)), rng.random((b, k, t)) < valid
 
 
-def test_time_weights_give_the_weighted_mean_over_valid_positions():
-    rng = np.random.default_rng(1)
-    b, k, t, card = 2, 3, 9, 7
-    logits = rng.normal(size=(b, k, t, card)).astype(np.float32) * 2
-    codes = rng.integers(0, card, (b, k, t))
-    mask = rng.random((b, k, t)) < 0.7
-    weights = np.where(np.arange(t) < 4, 5.0, 1.0).astype(np.float32)  # an opening weighted 5x
+def assert_matches_reference(logits, codes, mask, weights=None):
     loss, per_codebook = codebook_cross_entropy(logits, codes, mask, weights)
     ref_loss, ref_per_codebook = numpy_reference(logits, codes, mask, weights)
     np.testing.assert_allclose(per_codebook, ref_per_codebook, rtol=1e-5)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    return loss, per_codebook
+
+
+def test_matches_reference_and_averages_per_codebook():
+    b, k, t, card = 3, 4, 7, 11
+    logits, codes, mask = random_case(0, b, k, t, card, 0.6)
+    mask[:, 3] = False
+    mask[1, 3, 2] = True  # codebook 3 has a single valid position: it still weighs 1/K in the loss
+    loss, per_codebook = assert_matches_reference(logits, codes, mask)
+    assert per_codebook.shape == (k,) and loss.dtype == jnp.float32
+
+
+def test_time_weights_give_the_weighted_mean_over_valid_positions():
+    t = 9
+    logits, codes, mask = random_case(1, 2, 3, t, 7, 0.7)
+    weights = np.where(np.arange(t) < 4, 5.0, 1.0).astype(np.float32)  # an opening weighted 5x
+    loss, _ = assert_matches_reference(logits, codes, mask, weights)
     assert abs(float(loss) - numpy_reference(logits, codes, mask)[0]) > 1e-3  # the weights do change the loss
     np.testing.assert_allclose(codebook_cross_entropy(logits, codes, mask, np.ones(t))[0],
                                codebook_cross_entropy(logits, codes, mask)[0], rtol=1e-6)
