@@ -12,7 +12,7 @@ import transformers
 from mgjax.config import ConfigError, LMConfig
 from mgjax.convert.hf_lm import lm_config_from_hf, lm_params_from_hf
 from mgjax.lm.model import MusicGenLM
-from mgjax.lm.transformer import sinusoidal_positions
+from mgjax.lm.transformer import gelu_mlp, sinusoidal_positions
 
 torch.set_num_threads(1)
 TOL = 1e-4
@@ -195,6 +195,22 @@ def test_bfloat16_compute_runs():
     ref = model.apply({"params": params}, codes, cond, mask)
     assert out.dtype == jnp.float32
     assert float(jnp.abs(out - ref).max()) < 0.1 * float(jnp.abs(ref).max())
+
+
+def test_feed_forward_gradients_match_torch_autograd():
+    """`gelu_mlp` writes its backward by hand: its value and its gradients in x, fc1, fc2 must be torch's."""
+    rng = np.random.default_rng(0)
+    x, fc1, fc2 = (rng.standard_normal(shape).astype(np.float32) for shape in ((2, 5, 8), (8, 16), (16, 8)))
+    fc1, fc2 = fc1 * 0.5, fc2 * 0.5
+    cotangent = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    value, grads = jax.value_and_grad(lambda *a: jnp.sum(gelu_mlp(*a) * cotangent), argnums=(0, 1, 2))(x, fc1, fc2)
+    leaves = [torch.tensor(a, requires_grad=True) for a in (x, fc1, fc2)]
+    ref = (torch.nn.functional.gelu(leaves[0] @ leaves[1]) @ leaves[2] * torch.from_numpy(cotangent)).sum()
+    ref.backward()
+    assert abs(float(value) - ref.item()) <= 1e-4
+    for grad, leaf in zip(grads, leaves):
+        assert grad.shape == leaf.shape
+        assert np.max(np.abs(np.asarray(grad) - leaf.grad.numpy())) <= 1e-5
 
 
 def test_sinusoidal_positions_match_transformers():
