@@ -41,11 +41,8 @@ def codebook_cross_entropy(logits: Any, codes: Any, mask: Any, weights: Any = No
     targets = jnp.where(mask, codes, 0).astype(jnp.int32)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = jnp.where(mask, jax.nn.logsumexp(logits, axis=-1) - target_logits, 0.0)  # [B, K, T]
-    if weights is None:
-        counts = mask.sum(axis=(0, 2)).astype(jnp.float32)
-        per_codebook = nll.sum(axis=(0, 2)) / jnp.maximum(counts, 1.0)
-    else:
-        weights = jnp.where(mask, jnp.broadcast_to(jnp.asarray(weights, jnp.float32), shape), 0.0)
-        total = weights.sum(axis=(0, 2))
-        per_codebook = (weights * nll).sum(axis=(0, 2)) / jnp.where(total > 0, total, 1.0)
+    # Unweighted, every valid position weighs 1: the weighted mean is then the plain mean over valid positions.
+    weights = jnp.where(mask, 1.0 if weights is None else jnp.asarray(weights, jnp.float32), 0.0)  # [B, K, T]
+    total = weights.sum(axis=(0, 2))
+    per_codebook = (weights * nll).sum(axis=(0, 2)) / jnp.where(total > 0, total, 1.0)
     return per_codebook.mean(), per_codebook
