@@ -32,7 +32,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=3.0, help="segment length (50 frames per second)")
     parser.add_argument("--text-len", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per side")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per side (rounded up to whole blocks)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--block", type=int, default=3, help="steps per side before switching (1: strict A/B)")
     parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
@@ -74,16 +74,17 @@ def first_call(step) -> float:
     return time.perf_counter() - start
 
 
-def time_interleaved(steps: dict, warmup: int, rounds: int, block: int = 1) -> dict[str, float]:
-    """Median seconds per step of each entry, timed in alternating blocks of `block` steps (A, B, A, B, ... for
-    block 1) after `warmup` calls each, so both see the same background load on a shared machine. Blocks longer
-    than one step keep each runtime's idle worker threads (XLA's and OpenMP's spin a while after a step) from
-    slowing the other's next step, which a real training job never sees."""
+def time_interleaved(steps: dict, warmup: int, timed: int, block: int = 1) -> dict[str, float]:
+    """Median seconds per step of each entry over `timed` steps (rounded up to whole blocks), timed in alternating
+    blocks of `block` steps (A, B, A, B, ... for block 1) after `warmup` calls each, so both see the same
+    background load on a shared machine. Blocks longer than one step keep each runtime's idle worker threads
+    (XLA's and OpenMP's spin a while after a step) from slowing the other's next step, which a real training job
+    never sees."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(-(-rounds // block)):
+    for _ in range(-(-timed // block)):
         for name, step in steps.items():
             for _ in range(block):
                 start = time.perf_counter()
