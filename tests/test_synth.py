@@ -99,7 +99,9 @@ def test_generate_corpus_files(tmp_path):
     manifest = synth.generate_corpus(out, 4, seed=5, seconds=1.0, holdout=True, n_heldout=3)
     lines = [json.loads(line) for line in open(manifest)]
     held = [json.loads(line) for line in open(os.path.join(out, "heldout.jsonl"))]
-    pairs = {tuple(p) for p in json.load(open(os.path.join(out, "corpus.json")))["held_out_combinations"]}
+    info = json.load(open(os.path.join(out, "corpus.json")))
+    pairs = {tuple(p) for p in info["held_out_combinations"]}
+    assert info["opening_chord"] is False
     assert pairs == set(synth.held_out_combinations(5)) and len(lines) == 4 and len(held) == 3
     for item in lines + held:
         wav, rate = soundfile.read(os.path.join(out, item["path"]), dtype="float32")
@@ -119,3 +121,29 @@ def test_generate_corpus_files(tmp_path):
 def test_n_heldout_needs_pairs(tmp_path):
     with pytest.raises(ValueError, match="holdout"):
         synth.generate_corpus(str(tmp_path), 1, n_heldout=2)
+
+
+def test_opening_chord_states_the_mode_in_the_first_half_beat():
+    """With `opening_chord` the first half beat sounds the mode's third (E for C major, Eb for C minor) louder than
+    the other mode's; without it (control) that half beat says nothing about the mode (about chance)."""
+    from mgjax.eval import attributes
+
+    def mode_heard(opening_chord: bool) -> float:
+        right = []
+        for i in range(32):
+            attrs = synth.sample_attributes(np.random.default_rng([9, i]))
+            attrs["drums"] = False
+            wav = synth.render_clip(attrs, 4.0, 32000, np.random.default_rng(i), opening_chord=opening_chord)
+            half_beat = wav[:int(0.5 * 60 / attrs["bpm"] * 32000)]
+            profile = attributes.chroma(half_beat, 32000, n_fft=4096, hop=512)
+            tonic = synth.TONICS.index(attrs["tonic"])
+            right.append((profile[(tonic + 4) % 12] > profile[(tonic + 3) % 12]) == (attrs["mode"] == "major"))
+        return float(np.mean(right))
+
+    assert mode_heard(True) >= 0.95
+    assert mode_heard(False) <= 0.7
+
+
+def test_opening_chord_keeps_attributes_and_caption():
+    plain, chord = synth.clip_example(2, 7), synth.clip_example(2, 7, opening_chord=True)
+    assert plain[1:] == chord[1:] and not np.array_equal(plain[0], chord[0])
