@@ -36,9 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="captions generated together")
     parser.add_argument("--corpus-seed", type=int, default=0, help="seed of the corpus the model was trained on")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of the generated and real clips")
-    parser.add_argument("--opening-chord", action=argparse.BooleanOptionalAction, default=True,
-                        help="the real clips open on their tonic triad, as the shipped model's corpus does "
-                             "(`python -m mgjax.synth --opening-chord`)")
+    parser.add_argument("--open-on-third", action=argparse.BooleanOptionalAction, default=True,
+                        help="the real clips open on their tonic's third, as the shipped model's corpus does "
+                             "(`python -m mgjax.synth --open-on-third`)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--top-k", type=int, default=250)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def held_out_examples(corpus_seed: int, count: int, seconds: float, sample_rate: int, opening_chord: bool
+def held_out_examples(corpus_seed: int, count: int, seconds: float, sample_rate: int, open_on_third: bool
                       ) -> list[tuple]:
     """`(wav [N], caption, attributes)` of the corpus's first `count` held-out clips (as `generate_corpus` draws
     them: index 1_000_000 + i, (instrument, key) only from the held-out pairs)."""
@@ -56,7 +56,7 @@ def held_out_examples(corpus_seed: int, count: int, seconds: float, sample_rate:
 
     pairs = synth.held_out_combinations(corpus_seed)
     return [synth.clip_example(corpus_seed, 1_000_000 + i, seconds, sample_rate, only=pairs,
-                               opening_chord=opening_chord) for i in range(count)]
+                               open_on_third=open_on_third) for i in range(count)]
 
 
 def generate_all(mg, captions: list[str], args) -> tuple[np.ndarray, dict]:
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
 
     mg = mgjax.MusicGen.load(args.checkpoint)
     sr = mg.sample_rate
-    examples = held_out_examples(args.corpus_seed, args.clips, args.seconds, sr, args.opening_chord)
+    examples = held_out_examples(args.corpus_seed, args.clips, args.seconds, sr, args.open_on_third)
     real = np.stack([wav for wav, _, _ in examples])[:, None]  # [count, 1, N]
     captions = [text for _, text, _ in examples]
     truths = [attrs for _, _, attrs in examples]

@@ -60,7 +60,6 @@ LEVEL = {"sine": 1.0, "square": 0.55, "saw": 0.6, "pluck": 1.0}
 DRUM_LEVEL = 0.8  # drum kit RMS / instrument RMS
 KICK_BEATS, SNARE_BEATS, SNARE_LEVEL = (0, 1, 2, 3), (1, 3), 0.6  # four on the floor, backbeat snare
 OFFBEAT = 0.4  # velocity of the notes between beats: the accents are what makes the beat audible
-OPENING_CHORD_LEVEL = 0.5  # velocity of the third and fifth under the first beat (`score(opening_chord=True)`)
 
 
 # ----------------------------------------------------------------------------------------------- attributes
@@ -137,13 +136,13 @@ def degree_to_midi(degree: int, mode: str, tonic_midi: int, chord_root: int) -> 
     return tonic_midi + 12 * octave + semitone
 
 
-def score(attrs: dict, seconds: float, rng: np.random.Generator, opening_chord: bool = False
+def score(attrs: dict, seconds: float, rng: np.random.Generator, open_on_third: bool = False
           ) -> list[tuple[float, float, int, float]]:
     """The notes of a clip: `(onset s, duration s, midi, velocity)`; notes on a beat are accented.
 
-    `opening_chord`: the tonic's third and fifth sound with the first note (the tonic) through the first beat, so the
-    clip's first sound, its tonic triad, states the mode as well as the tonic (else the mode is first heard at the
-    first third or sixth, a few notes in).
+    `open_on_third`: the clip's first note is the tonic's third instead of the figure's first note, so the first sound
+    states the mode as well as the tonic (else the mode is first heard at the first third or sixth, a few notes in).
+    A third under the tonic (a chord) does not do it: the demo codec's first codebook keeps the louder note.
     """
     beat = 60.0 / attrs["bpm"]
     mode = attrs["mode"]
@@ -161,9 +160,9 @@ def score(attrs: dict, seconds: float, rng: np.random.Generator, opening_chord: 
             onset = 2 * beat * chord + j * slot
             if onset < seconds:
                 velocity = 1.0 if j % per_beat == 0 else OFFBEAT
+                if open_on_third and chord == 0 and j == 0:
+                    degree = 2
                 notes.append((onset, slot, degree_to_midi(degree, mode, tonic_midi, root), velocity))
-    if opening_chord:
-        notes += [(0.0, beat, degree_to_midi(degree, mode, tonic_midi, 0), OPENING_CHORD_LEVEL) for degree in (2, 4)]
     return notes
 
 
@@ -256,15 +255,15 @@ def drum_track(bpm: float, n: int, sample_rate: int, rng: np.random.Generator) -
 
 
 def render_clip(attrs: dict, seconds: float = 4.0, sample_rate: int = SAMPLE_RATE,
-                rng: np.random.Generator | None = None, opening_chord: bool = False) -> np.ndarray:
-    """[N = round(seconds * sample_rate)] float32 mono clip of `attrs`, peak-normalised to PEAK (`opening_chord`:
+                rng: np.random.Generator | None = None, open_on_third: bool = False) -> np.ndarray:
+    """[N = round(seconds * sample_rate)] float32 mono clip of `attrs`, peak-normalised to PEAK (`open_on_third`:
     see `score`)."""
     rng = np.random.default_rng(0) if rng is None else rng
     n = int(round(seconds * sample_rate))
     out = np.zeros(n)
     instrument = attrs["instrument"]
     ring = {"sine": 1.0, "pluck": 1.6}.get(instrument, 0.85)  # note length / slot: pads legato, plucks ring on
-    for onset, duration, midi, velocity in score(attrs, seconds, rng, opening_chord):
+    for onset, duration, midi, velocity in score(attrs, seconds, rng, open_on_third):
         start = int(round(onset * sample_rate))
         length = min(int(duration * ring * sample_rate), n - start)
         if length > 16:
@@ -366,11 +365,11 @@ def _write_text_atomic(path: str, text: str) -> None:
 
 def clip_example(seed: int, index: int, seconds: float = 4.0, sample_rate: int = SAMPLE_RATE,
                  exclude: Iterable[tuple[str, str]] = (), only: Iterable[tuple[str, str]] | None = None,
-                 opening_chord: bool = False) -> tuple[np.ndarray, str, dict]:
+                 open_on_third: bool = False) -> tuple[np.ndarray, str, dict]:
     """(wav [N] float32, caption, attributes) of clip `index` of corpus `seed`; a pure function of its arguments.
 
     `exclude`: (instrument, key) pairs never drawn; `only`: draw the (instrument, key) pair from this list instead;
-    `opening_chord`: the clip opens on its tonic triad (see `score`; the attributes and caption are the same).
+    `open_on_third`: the clip's first note is the tonic's third (see `score`; the attributes and caption are the same).
     """
     attrs_rng, audio_rng, text_rng = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, index]).spawn(3))
     attrs = sample_attributes(attrs_rng, exclude)
@@ -378,19 +377,19 @@ def clip_example(seed: int, index: int, seconds: float = 4.0, sample_rate: int =
         only = list(only)
         attrs["instrument"], attrs["key"] = only[attrs_rng.integers(len(only))]
         attrs["tonic"], attrs["mode"] = attrs["key"].split(" ")
-    return (render_clip(attrs, seconds, sample_rate, audio_rng, opening_chord), caption(attrs, text_rng), attrs)
+    return (render_clip(attrs, seconds, sample_rate, audio_rng, open_on_third), caption(attrs, text_rng), attrs)
 
 
 def generate_corpus(out_dir: str, n_clips: int, seed: int = 0, seconds: float = 4.0,
                     sample_rate: int = SAMPLE_RATE, holdout: bool | Iterable[tuple[str, str]] = False,
-                    n_heldout: int = 0, opening_chord: bool = False) -> str:
+                    n_heldout: int = 0, open_on_third: bool = False) -> str:
     """Writes `n_clips` clips and returns the path of their JSONL manifest (`<out_dir>/manifest.jsonl`).
 
     Files: `clips/00000.wav` (16-bit) + `clips/00000.json` (`{description, duration, attributes}`, the sidecar
     `mgjax.data` reads) per clip, and one manifest line `{path, description, duration, attributes}` per clip.
     `holdout`: True for `held_out_combinations(seed)`, or a list of (instrument, key) pairs: training clips never
     use them, and `n_heldout` clips made only of them go to `heldout/` + `<out_dir>/heldout.jsonl` (for the
-    adherence evaluation). `opening_chord`: every clip opens on its tonic triad (see `score`). Every file is written
+    adherence evaluation). `open_on_third`: every clip's first note is its tonic's third (see `score`). Every file is written
     atomically; rerunning overwrites the same content.
     """
     from mgjax.audio import write_wav
@@ -406,7 +405,7 @@ def generate_corpus(out_dir: str, n_clips: int, seed: int = 0, seconds: float = 
         lines = []
         for i in range(count):
             index = i if folder == "clips" else 1_000_000 + i  # held-out clips draw from their own streams
-            wav, text, attrs = clip_example(seed, index, seconds, sample_rate, **draw, opening_chord=opening_chord)
+            wav, text, attrs = clip_example(seed, index, seconds, sample_rate, **draw, open_on_third=open_on_third)
             rel = f"{folder}/{i:05d}.wav"
             write_wav(os.path.join(out_dir, rel), wav[None], sample_rate)
             meta = {"description": text, "duration": len(wav) / sample_rate, "attributes": attrs}
@@ -414,13 +413,13 @@ def generate_corpus(out_dir: str, n_clips: int, seed: int = 0, seconds: float = 
             lines.append(json.dumps({"path": rel, **meta}))
         _write_text_atomic(os.path.join(out_dir, manifest), "\n".join(lines) + "\n")
     info = {"seed": seed, "n_clips": n_clips, "n_heldout": n_heldout, "seconds": seconds, "sample_rate": sample_rate,
-            "opening_chord": opening_chord, "held_out_combinations": [list(p) for p in pairs]}
+            "open_on_third": open_on_third, "held_out_combinations": [list(p) for p in pairs]}
     _write_text_atomic(os.path.join(out_dir, "corpus.json"), json.dumps(info, indent=1) + "\n")
     return os.path.join(out_dir, "manifest.jsonl")
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    """`python -m mgjax.synth OUT_DIR --clips N --heldout M --seed S [--opening-chord]`: writes a corpus (see
+    """`python -m mgjax.synth OUT_DIR --clips N --heldout M --seed S [--open-on-third]`: writes a corpus (see
     `generate_corpus`)."""
     import argparse
 
@@ -430,11 +429,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--heldout", type=int, default=64, help="clips of the held-out (instrument, key) pairs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--opening-chord", action="store_true",
-                        help="every clip opens on its tonic triad, so its first sound states the mode (the LM corpus)")
+    parser.add_argument("--open-on-third", action="store_true",
+                        help="every clip's first note is its tonic's third, so its first sound states the mode "
+                             "(the demo LM's corpus)")
     args = parser.parse_args(None if argv is None else list(argv))
     path = generate_corpus(args.out, args.clips, args.seed, args.seconds, holdout=True, n_heldout=args.heldout,
-                           opening_chord=args.opening_chord)
+                           open_on_third=args.open_on_third)
     print(f"{args.clips} clips + {args.heldout} held out written; manifest {path}")
     return 0
 

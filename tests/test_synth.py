@@ -101,7 +101,7 @@ def test_generate_corpus_files(tmp_path):
     held = [json.loads(line) for line in open(os.path.join(out, "heldout.jsonl"))]
     info = json.load(open(os.path.join(out, "corpus.json")))
     pairs = {tuple(p) for p in info["held_out_combinations"]}
-    assert info["opening_chord"] is False
+    assert info["open_on_third"] is False
     assert pairs == set(synth.held_out_combinations(5)) and len(lines) == 4 and len(held) == 3
     for item in lines + held:
         wav, rate = soundfile.read(os.path.join(out, item["path"]), dtype="float32")
@@ -123,17 +123,17 @@ def test_n_heldout_needs_pairs(tmp_path):
         synth.generate_corpus(str(tmp_path), 1, n_heldout=2)
 
 
-def test_opening_chord_states_the_mode_in_the_first_half_beat():
-    """With `opening_chord` the first half beat sounds the mode's third (E for C major, Eb for C minor) louder than
+def test_open_on_third_states_the_mode_in_the_first_half_beat():
+    """With `open_on_third` the first half beat sounds the mode's third (E for C major, Eb for C minor) louder than
     the other mode's; without it (control) that half beat says nothing about the mode (about chance)."""
     from mgjax.eval import attributes
 
-    def mode_heard(opening_chord: bool) -> float:
+    def mode_heard(open_on_third: bool) -> float:
         right = []
         for i in range(32):
             attrs = synth.sample_attributes(np.random.default_rng([9, i]))
             attrs["drums"] = False
-            wav = synth.render_clip(attrs, 4.0, 32000, np.random.default_rng(i), opening_chord=opening_chord)
+            wav = synth.render_clip(attrs, 4.0, 32000, np.random.default_rng(i), open_on_third=open_on_third)
             half_beat = wav[:int(0.5 * 60 / attrs["bpm"] * 32000)]
             profile = attributes.chroma(half_beat, 32000, n_fft=4096, hop=512)
             tonic = synth.TONICS.index(attrs["tonic"])
@@ -144,6 +144,6 @@ def test_opening_chord_states_the_mode_in_the_first_half_beat():
     assert mode_heard(False) <= 0.7
 
 
-def test_opening_chord_keeps_attributes_and_caption():
-    plain, chord = synth.clip_example(2, 7), synth.clip_example(2, 7, opening_chord=True)
+def test_open_on_third_keeps_attributes_and_caption():
+    plain, chord = synth.clip_example(2, 7), synth.clip_example(2, 7, open_on_third=True)
     assert plain[1:] == chord[1:] and not np.array_equal(plain[0], chord[0])
