@@ -36,9 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="captions generated together")
     parser.add_argument("--corpus-seed", type=int, default=0, help="seed of the corpus the model was trained on")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of the generated and real clips")
-    parser.add_argument("--open-on-third", action=argparse.BooleanOptionalAction, default=True,
-                        help="the real clips open on their tonic's third, as the shipped model's corpus does "
-                             "(`python -m mgjax.synth --open-on-third`)")
+    parser.add_argument("--open-on-third", action="store_true",
+                        help="the real clips open on their tonic's third: for a model trained on a corpus made with "
+                             "`python -m mgjax.synth --open-on-third` (the shipped one was not)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--top-k", type=int, default=250)
     parser.add_argument("--temperature", type=float, default=1.0)
