@@ -82,19 +82,22 @@ def output_paths(out: str, prompts: list[str]) -> list[str]:
 
 class ProgressBar:
     """A one-line text progress bar over decoding steps (stderr). The rate counts from the first report, so compile
-    time stays out of it; a step count that goes back (the next window of a long generation) starts a new line."""
+    time stays out of it; a step count that does not advance (the next window of a long generation) starts a new
+    line and a new rate."""
 
     def __init__(self, label: str, enabled: bool):
         self.label, self.enabled = label, enabled
         self.origin: tuple[int, float] | None = None  # (step, time) of the first report of this window
+        self.last_step = -1
 
     def __call__(self, step: int, total: int) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if self.origin is not None and step < self.origin[0]:
+        if self.origin is not None and step <= self.last_step:
             sys.stderr.write("\n")
             self.origin = None
+        self.last_step = step
         if self.origin is None:
             self.origin = (step, now)
         width = 30

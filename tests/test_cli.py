@@ -96,3 +96,21 @@ def test_sample_refuses_melody_for_a_text_only_model(converted, tmp_path):
     soundfile.write(melody, np.zeros(3200), 32000)
     result = run("sample.py", "--checkpoint", str(converted), "--prompt", "x", "--melody", str(melody), check=False)
     assert result.returncode == 2 and "MusicGen-melody" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_progress_bar_restarts_its_rate_for_each_window(monkeypatch, capsys):
+    """Every window of a long generation reports steps 10, 20, ... again: each starts a new line whose rate counts
+    only that window's steps (the second window here runs 10 steps in 1 s: 10.0 steps/s, not a rate diluted by
+    the first window's time)."""
+    from helpers_scripts import load_script
+
+    sample = load_script("sample.py", "sample_cli")
+    clock = iter([0.0, 1.0, 2.0, 100.0, 101.0])
+    monkeypatch.setattr(sample.time, "perf_counter", lambda: next(clock))
+    bar = sample.ProgressBar("prompts 1-1", True)
+    for step in (10, 20, 30, 10, 20):
+        bar(step, 30)
+    bar.close()
+    lines = [line.split("\r")[-1] for line in capsys.readouterr().err.strip().split("\n")]
+    assert len(lines) == 2
+    assert lines[0].endswith("30/30 steps 10.0 steps/s") and lines[1].endswith("20/30 steps 10.0 steps/s")
