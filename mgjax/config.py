@@ -81,6 +81,9 @@ class T5Config:
     pad_token_id: int = 0
 
     def validate(self) -> None:
+        if self.num_layers < 1 or self.num_heads < 1:
+            raise ConfigError(f"text.num_layers and text.num_heads must be >= 1, got {self.num_layers} and "
+                              f"{self.num_heads} (a zero-layer stack cannot be checkpointed)")
         if self.feed_forward_proj not in ("relu", "gated-gelu"):
             raise ConfigError(f"text.feed_forward_proj must be 'relu' or 'gated-gelu', got {self.feed_forward_proj!r}")
 
@@ -119,6 +122,9 @@ class LMConfig:
         return self.dim // self.num_heads
 
     def validate(self) -> None:
+        if self.num_layers < 1 or self.num_heads < 1:
+            raise ConfigError(f"lm.num_layers and lm.num_heads must be >= 1, got {self.num_layers} and "
+                              f"{self.num_heads}")
         if self.dim % self.num_heads:
             raise ConfigError(f"lm.dim={self.dim} is not divisible by lm.num_heads={self.num_heads}")
         if self.conditioning not in ("cross", "prepend"):

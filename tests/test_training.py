@@ -204,6 +204,10 @@ def test_cli_reports_bad_config_and_missing_data(mesh, tmp_path, capsys):
     cli = _train_cli()
     assert cli.main(["--config", "train-tiny", "train.no_such_key=1"]) == 2
     assert "unknown config key 'train.no_such_key'" in capsys.readouterr().err
+    assert cli.main(["--config", "train-tiny", "text.num_layers=0"]) == 2  # found when a checkpoint save failed
+    assert "text.num_layers and text.num_heads must be >= 1, got 0" in capsys.readouterr().err
+    assert cli.main(["--config", "train-tiny", "lm.num_layers=0"]) == 2
+    assert "lm.num_layers and lm.num_heads must be >= 1, got 0" in capsys.readouterr().err
     assert cli.main(["--config", "train-tiny", f"train.data_dir={tmp_path}/nowhere",
                      f"train.output_dir={tmp_path}/out"]) == 2
     assert "does not exist" in capsys.readouterr().err
