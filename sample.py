@@ -94,7 +94,7 @@ class ProgressBar:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if self.origin is not None and step <= self.last_step:
+        if step <= self.last_step:  # never true before the first report (last_step -1)
             sys.stderr.write("\n")
             self.origin = None
         self.last_step = step

@@ -377,7 +377,7 @@ def clip_example(seed: int, index: int, seconds: float = 4.0, sample_rate: int =
         only = list(only)
         attrs["instrument"], attrs["key"] = only[attrs_rng.integers(len(only))]
         attrs["tonic"], attrs["mode"] = attrs["key"].split(" ")
-    return (render_clip(attrs, seconds, sample_rate, audio_rng, open_on_third), caption(attrs, text_rng), attrs)
+    return render_clip(attrs, seconds, sample_rate, audio_rng, open_on_third), caption(attrs, text_rng), attrs
 
 
 def generate_corpus(out_dir: str, n_clips: int, seed: int = 0, seconds: float = 4.0,
@@ -389,8 +389,8 @@ def generate_corpus(out_dir: str, n_clips: int, seed: int = 0, seconds: float = 
     `mgjax.data` reads) per clip, and one manifest line `{path, description, duration, attributes}` per clip.
     `holdout`: True for `held_out_combinations(seed)`, or a list of (instrument, key) pairs: training clips never
     use them, and `n_heldout` clips made only of them go to `heldout/` + `<out_dir>/heldout.jsonl` (for the
-    adherence evaluation). `open_on_third`: every clip's first note is its tonic's third (see `score`). Every file is written
-    atomically; rerunning overwrites the same content.
+    adherence evaluation). `open_on_third`: every clip's first note is its tonic's third (see `score`). Every file
+    is written atomically; rerunning overwrites the same content.
     """
     from mgjax.audio import write_wav
 
@@ -431,7 +431,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--open-on-third", action="store_true",
                         help="every clip's first note is its tonic's third, so its first sound states the mode "
-                             "(the demo LM's corpus)")
+                             "(an experiment; the shipped demo model's corpus is made without it)")
     args = parser.parse_args(None if argv is None else list(argv))
     path = generate_corpus(args.out, args.clips, args.seed, args.seconds, holdout=True, n_heldout=args.heldout,
                            open_on_third=args.open_on_third)
