@@ -12,6 +12,7 @@ refuses to resume, `--steps` stops early).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -221,10 +222,15 @@ def train_run(config: Any, *, synthetic: bool = False, steps: int | None = None,
     logger = Logger(train.output_dir, start, until, tensorboard=train.tensorboard, quiet=quiet)
     try:
         losses = training.fit(trainer, dataset, until=until, checkpointer=checkpointer, valid=valid, on_log=logger)
-    finally:
+    except BaseException:
         logger.close()
         if checkpointer is not None:
-            checkpointer.close()
+            with contextlib.suppress(Exception):  # the error in flight says more than a failed close after it
+                checkpointer.close()
+        raise
+    logger.close()
+    if checkpointer is not None:
+        checkpointer.close()
     valid_loss = float(trainer.evaluate([valid.batch(i) for i in range(train.eval_batches)])["loss"]) if valid else None
     return {"losses": losses, "valid_loss": valid_loss, "trainer": trainer,
             "valid_batch": (valid or dataset).batch(0), "codec": codec}

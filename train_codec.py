@@ -13,6 +13,7 @@ its held-out quality to <out>/quality.json and a few reconstructions to <out>/sa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -135,34 +136,41 @@ def main(argv: list[str] | None = None) -> int:
         json.dump({"argv": sys.argv, "seed": train_cfg.seed, "corpus_seed": args.corpus_seed, **meta}, f, indent=1)
 
     log = open(os.path.join(args.out, "log.jsonl"), "a")
-    eval_np = held_np[:train_cfg.eval_clips]
-    start_time, step = time.time(), int(state.step)
-    while step < until:
-        if args.minutes is not None and time.time() - start_time > 60 * args.minutes:
-            print(f"stopping at step {step}: --minutes {args.minutes} reached", flush=True)
-            break
-        batch = jax.numpy.asarray(sample_batch(clips, train_cfg.seed, step, train_cfg.batch_size, length))
-        state, metrics = ct.train_step(codec_cfg, train_cfg, state, batch)
-        step += 1
-        record = None
-        if step % train_cfg.log_every == 0 or step == until:
-            record = {"step": step, "time_s": round(time.time() - start_time, 1), **ct.metrics_to_host(metrics)}
-        if train_cfg.eval_every and (step % train_cfg.eval_every == 0 or step == until):
-            result = ct.evaluate(codec_cfg, train_cfg, ct.codec_params(state), eval_np)
-            record = {**(record or {"step": step}), "eval_si_snr_db": result["si_snr_db"],
-                      "eval_mel_distance": result["mel_distance"],
-                      "eval_mel_distance_60db": result["mel_distance_60db"],
-                      "eval_perplexity": result["perplexity"],
-                      "eval_used": result["used"]}
-        if record is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if not args.quiet:
-                print(format_record(record), flush=True)
-        ckpt.save(step, state, {**meta, "step": step})
-    ckpt.save(step, state, {**meta, "step": step}, force=True)
+    try:
+        eval_np = held_np[:train_cfg.eval_clips]
+        start_time, step = time.time(), int(state.step)
+        while step < until:
+            if args.minutes is not None and time.time() - start_time > 60 * args.minutes:
+                print(f"stopping at step {step}: --minutes {args.minutes} reached", flush=True)
+                break
+            batch = jax.numpy.asarray(sample_batch(clips, train_cfg.seed, step, train_cfg.batch_size, length))
+            state, metrics = ct.train_step(codec_cfg, train_cfg, state, batch)
+            step += 1
+            record = None
+            if step % train_cfg.log_every == 0 or step == until:
+                record = {"step": step, "time_s": round(time.time() - start_time, 1), **ct.metrics_to_host(metrics)}
+            if train_cfg.eval_every and (step % train_cfg.eval_every == 0 or step == until):
+                result = ct.evaluate(codec_cfg, train_cfg, ct.codec_params(state), eval_np)
+                record = {**(record or {"step": step}), "eval_si_snr_db": result["si_snr_db"],
+                          "eval_mel_distance": result["mel_distance"],
+                          "eval_mel_distance_60db": result["mel_distance_60db"],
+                          "eval_perplexity": result["perplexity"],
+                          "eval_used": result["used"]}
+            if record is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if not args.quiet:
+                    print(format_record(record), flush=True)
+            ckpt.save(step, state, {**meta, "step": step})
+        ckpt.save(step, state, {**meta, "step": step}, force=True)
+    except checkpoint.CheckpointError as err:  # a full disk: the newest complete checkpoint still resumes
+        print(f"error: {err}", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            ckpt.close()
+        return 2
+    finally:
+        log.close()
     ckpt.close()
-    log.close()
     trained_s = time.time() - start_time
 
     params = jax.tree.map(np.asarray, ct.codec_params(state))

@@ -224,7 +224,10 @@ class TrainCheckpointer:
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta)))
         # The interval is decided here: orbax's own policy would also save the very first step it is shown.
-        started = bool(self.manager.save(step, args=args, force=True))
+        try:
+            started = bool(self.manager.save(step, args=args, force=True))
+        except Exception as err:  # orbax re-raises a failed earlier async write here too
+            raise self._write_error(step, err) from err
         if started:
             self.last_saved = step
         return started
@@ -245,8 +248,23 @@ class TrainCheckpointer:
 
     def wait(self) -> None:
         """Blocks until pending async writes are on disk."""
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise self._write_error(self.last_saved, err) from err
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for pending writes, then releases the manager (also when a write failed, then re-raises)."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    def _write_error(self, step: int | None, err: BaseException) -> CheckpointError:
+        """A failed write named with its directory and step; orbax never commits a partial step, so the newest
+        complete checkpoint still resumes."""
+        latest = self.latest_step()
+        resume = "it starts afresh" if latest is None else f"it resumes from step {latest}"
+        return CheckpointError(f"cannot write the training checkpoint {self.directory}/{step} "
+                               f"({type(err).__name__}: {err}); check the free disk space and write permission there, "
+                               f"then run the same command again: {resume}")

@@ -198,3 +198,12 @@ def test_cli_trains_resumes_and_saves_a_codec(tmp_path, monkeypatch):
     codec = mgjax.Codec.load(str(tmp_path / "out" / "codec"))
     assert codec.config == CODEC
     assert os.path.isfile(tmp_path / "out" / "samples" / "00_codec.wav")
+
+    import orbax.checkpoint as ocp
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
+    assert train_codec.main(common + ["--steps", "8"]) == 2  # an error naming the fix, not a traceback
+    assert checkpoint.TrainCheckpointer(str(tmp_path / "out" / "checkpoints"), save_every=1, keep=2).all_steps()[-1] == 6

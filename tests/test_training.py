@@ -213,6 +213,42 @@ def test_cli_reports_bad_config_and_missing_data(mesh, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_cli_reports_a_failed_checkpoint_write_and_keeps_the_last_good_one(mesh, tmp_path, capsys, monkeypatch):
+    """A full disk mid-run: a clear error (exit 2) naming the step, the directory and how to resume; the newest
+    complete checkpoint stays, and nothing of the failed step is left behind."""
+    import orbax.checkpoint as ocp
+
+    cli = _train_cli()
+    args = ["--config", "train-tiny", "--synthetic", *BASE, f"train.output_dir={tmp_path}",
+            "train.checkpoint_every=3", "train.eval_every=3", "train.log_every=3", "--quiet"]
+    assert cli.main(args + ["--steps", "3"]) == 0
+    capsys.readouterr()
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the training checkpoint {tmp_path}/checkpoints/6" in err
+    assert "No space left on device" in err and "it resumes from step 3" in err
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+
+
+def test_checkpointer_close_reports_a_failed_async_write_and_still_releases_the_manager(tmp_path, monkeypatch):
+    ckpt = checkpoint.TrainCheckpointer(str(tmp_path), save_every=1, keep=1)
+    closed = []
+
+    def failed_write():
+        raise RuntimeError("async commit failed")
+
+    monkeypatch.setattr(ckpt.manager, "wait_until_finished", failed_write)
+    monkeypatch.setattr(ckpt.manager, "close", lambda: closed.append(True))
+    with pytest.raises(checkpoint.CheckpointError, match="async commit failed.*it starts afresh"):
+        ckpt.close()
+    assert closed == [True]
+
+
 def test_melody_model_trains_on_chroma_and_cfg_nulls_the_melody(mesh):
     """Prepend conditioning: the batch's chroma reaches the LM; CFG dropout swaps it for the null melody (one-hot
     on bin 0), so with the condition dropped any chroma gives the same loss as the null one."""
