@@ -220,17 +220,8 @@ def train_run(config: Any, *, synthetic: bool = False, steps: int | None = None,
     if start and not quiet:
         print(f"resumed from {ckpt_dir} at step {start}", flush=True)
     logger = Logger(train.output_dir, start, until, tensorboard=train.tensorboard, quiet=quiet)
-    try:
+    with contextlib.closing(logger), checkpointer if checkpointer is not None else contextlib.nullcontext():
         losses = training.fit(trainer, dataset, until=until, checkpointer=checkpointer, valid=valid, on_log=logger)
-    except BaseException:
-        logger.close()
-        if checkpointer is not None:
-            with contextlib.suppress(Exception):  # the error in flight says more than a failed close after it
-                checkpointer.close()
-        raise
-    logger.close()
-    if checkpointer is not None:
-        checkpointer.close()
     valid_loss = float(trainer.evaluate([valid.batch(i) for i in range(train.eval_batches)])["loss"]) if valid else None
     return {"losses": losses, "valid_loss": valid_loss, "trainer": trainer,
             "valid_batch": (valid or dataset).batch(0), "codec": codec}

@@ -13,7 +13,6 @@ its held-out quality to <out>/quality.json and a few reconstructions to <out>/sa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -91,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     from mgjax.runtime import keep_host_memory
 
     keep_host_memory()  # before JAX starts its threads: no page faults on each step's temp buffer
+    from mgjax.checkpoint import CheckpointError
+
+    try:
+        return train(args)
+    except CheckpointError as err:  # a failed write (full disk): the newest complete checkpoint still resumes
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def train(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
@@ -135,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, "run.json"), "w") as f:
         json.dump({"argv": sys.argv, "seed": train_cfg.seed, "corpus_seed": args.corpus_seed, **meta}, f, indent=1)
 
-    log = open(os.path.join(args.out, "log.jsonl"), "a")
-    try:
+    with open(os.path.join(args.out, "log.jsonl"), "a") as log, ckpt:
         eval_np = held_np[:train_cfg.eval_clips]
         start_time, step = time.time(), int(state.step)
         while step < until:
@@ -163,14 +171,6 @@ def main(argv: list[str] | None = None) -> int:
                     print(format_record(record), flush=True)
             ckpt.save(step, state, {**meta, "step": step})
         ckpt.save(step, state, {**meta, "step": step}, force=True)
-    except checkpoint.CheckpointError as err:  # a full disk: the newest complete checkpoint still resumes
-        print(f"error: {err}", file=sys.stderr)
-        with contextlib.suppress(Exception):
-            ckpt.close()
-        return 2
-    finally:
-        log.close()
-    ckpt.close()
     trained_s = time.time() - start_time
 
     params = jax.tree.map(np.asarray, ct.codec_params(state))

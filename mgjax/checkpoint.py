@@ -260,6 +260,17 @@ class TrainCheckpointer:
         finally:
             self.manager.close()
 
+    def __enter__(self) -> "TrainCheckpointer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Closes; when the block already raised, that error says more than a failed close after it."""
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(Exception):
+            self.close()
+
     def _write_error(self, step: int | None, err: BaseException) -> CheckpointError:
         """A failed write named with its directory and step; orbax never commits a partial step, so the newest
         complete checkpoint still resumes."""

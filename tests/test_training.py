@@ -247,6 +247,10 @@ def test_checkpointer_close_reports_a_failed_async_write_and_still_releases_the_
     with pytest.raises(checkpoint.CheckpointError, match="async commit failed.*it starts afresh"):
         ckpt.close()
     assert closed == [True]
+    with pytest.raises(KeyboardInterrupt):  # as a context manager: the error in flight wins over the failed close
+        with ckpt:
+            raise KeyboardInterrupt
+    assert closed == [True, True]
 
 
 def test_melody_model_trains_on_chroma_and_cfg_nulls_the_melody(mesh):
