@@ -29,31 +29,33 @@ BASE = ["train.batch_size=4", "train.max_text_tokens=24", "train.segment_duratio
 def test_word_tokenizer_folds_case_and_keeps_t5_conventions(tmp_path):
     tok = load_tokenizer(train_word_tokenizer(["A calm pad in A minor", "an upbeat lead in C# major"],
                                               str(tmp_path / "tok")))
-    ids, mask = tokenize(tok, ["a Calm lead in A MINOR", "unheard words"])
+    ids, mask = tokenize(tok, ["a Calm lead in Bb minor", "unheard words"])
     words = tok.convert_ids_to_tokens(ids[0].tolist())
-    assert words == ["a", "calm", "lead", "in", "a minor", "</s>"]
-    assert tok.convert_ids_to_tokens(ids[1].tolist()) == ["<unk>", "<unk>", "</s>"] + ["<pad>"] * 3
+    assert words == ["a", "calm", "lead", "in", "<unk>", "minor", "</s>"]
+    assert tok.convert_ids_to_tokens(ids[1].tolist()) == ["<unk>", "<unk>", "</s>"] + ["<pad>"] * 4
     assert tok.pad_token_id == 0 and tok.eos_token_id == 1 and tok.unk_token_id == 2
-    assert mask[1].tolist() == [1, 1, 1, 0, 0, 0]
+    assert mask[1].tolist() == [1, 1, 1, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="no texts"):
         train_word_tokenizer(["", "  "], str(tmp_path / "empty"))
 
 
-def test_word_tokenizer_keeps_a_key_name_as_one_word_unless_told_to_split_it(tmp_path):
+def test_word_tokenizer_key_styles_split_join_or_both(tmp_path):
     captions = ["A calm pad in A minor", "an upbeat lead in C# major, 120 bpm", "a bass in the key of Bb minor"]
-    keys = load_tokenizer(train_word_tokenizer(captions, str(tmp_path / "keys")))
-    ids, _ = tokenize(keys, ["a pad in a minor", "a pad in a major", "a bad minor bass in c# major"])
-    words = [keys.convert_ids_to_tokens(row.tolist()) for row in ids]
-    assert words[0][:5] == ["a", "pad", "in", "a minor", "</s>"]
-    assert words[1][:5] == ["a", "pad", "in", "<unk>", "</s>"]  # a major: a key never seen, not "a" + "major"
-    assert words[2] == ["a", "<unk>", "<unk>", "bass", "in", "c# major", "</s>"]  # "bad minor" is no key
-    assert {"a minor", "c# major", "bb minor"} <= set(keys.get_vocab()) and "minor" not in keys.get_vocab()
 
-    split = load_tokenizer(train_word_tokenizer(captions, str(tmp_path / "split"), keys_as_words=False))
-    ids, _ = tokenize(split, ["a pad in c# minor"])
-    assert split.convert_ids_to_tokens(ids[0].tolist()) == ["a", "pad", "in", "c", "#", "minor", "</s>"]
-    with pytest.raises(ValueError, match="lowercase"):
-        train_word_tokenizer(captions, str(tmp_path / "cased"), lowercase=False)
+    def words(keys, prompt):
+        tok = load_tokenizer(train_word_tokenizer(captions, str(tmp_path / keys), keys=keys))
+        ids, _ = tokenize(tok, [prompt])
+        return [w for w in tok.convert_ids_to_tokens(ids[0].tolist()) if w != "<pad>"]
+
+    assert words("split", "a pad in c# minor") == ["a", "pad", "in", "c", "#", "minor", "</s>"]
+    assert words("word", "a pad in A Minor") == ["a", "pad", "in", "a minor", "</s>"]
+    assert words("word", "a pad in a major") == ["a", "pad", "in", "<unk>", "</s>"]  # unseen key, not "a" "major"
+    assert words("word", "a bad minor bass") == ["a", "<unk>", "<unk>", "bass", "</s>"]  # "bad minor" is no key
+    assert words("both", "a pad in C# major") == ["a", "pad", "in", "c", "#", "major", "c#major", "</s>"]
+    assert words("both", "a bad minor bass in bb minor") == ["a", "<unk>", "minor", "bass", "in", "bb", "minor",
+                                                             "bbminor", "</s>"]
+    with pytest.raises(ValueError, match="keys='joined'"):
+        train_word_tokenizer(captions, str(tmp_path / "bad"), keys="joined")
 
 
 def _train_cli():

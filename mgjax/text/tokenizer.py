@@ -44,19 +44,34 @@ def tokenize(tokenizer: Any, prompts: Sequence[str]) -> tuple[np.ndarray, np.nda
 
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
-# A musical key ("f# minor", lowercased) is one word: the mode then needs no binding to its tonic in the encoder.
-KEY_PHRASE = r"\b[a-g][#b]? (?:major|minor)\b"
+# How a musical key ("F# minor") becomes words: "split" into tonic and mode words ("f", "#", "minor"); "word": one
+# word "f# minor"; "both": the split words followed by the one word "f#minor" (tonic and mode words shared across
+# keys, plus a key embedding that needs no binding of mode to tonic in the encoder).
+KEY_STYLES = ("split", "word", "both")
+_TONIC_NAMES = tuple(t + accidental for t in "abcdefg" for accidental in ("", "#", "b"))
 
 
-def train_word_tokenizer(texts: Sequence[str], directory: str, min_frequency: int = 1, lowercase: bool = True,
-                         keys_as_words: bool = True) -> str:
+def _key_rules(keys: str) -> tuple[list, str]:
+    """(normalizers after lower-casing, regex alternative that keeps a key as one pre-token) for a `KEY_STYLES`."""
+    from tokenizers import Regex, normalizers
+
+    if keys not in KEY_STYLES:
+        raise ValueError(f"keys={keys!r}: choose one of {', '.join(KEY_STYLES)}")
+    if keys == "split":
+        return [], ""
+    if keys == "word":
+        return [], r"\b[a-g][#b]? (?:major|minor)\b|"
+    rules = [normalizers.Replace(Regex(rf"\b{tonic} {mode}\b"), f"{tonic} {mode} {tonic}{mode}")
+             for tonic in _TONIC_NAMES for mode in ("major", "minor")]  # tokenizers' Replace has no backreferences
+    return rules, r"\b[a-g][#b]?(?:major|minor)\b|"
+
+
+def train_word_tokenizer(texts: Sequence[str], directory: str, min_frequency: int = 1, keys: str = "split") -> str:
     """Trains a word-level tokenizer on `texts` and saves it as a transformers tokenizer in `directory` -> path.
 
     T5's conventions: pad id 0, `</s>` (id 1) appended to every prompt, unknown words map to `<unk>` (id 2), right
-    padding. Words and punctuation are split as `\\w+|[^\\w\\s]+`. `lowercase` folds case, so a prompt's
-    capitals do not matter. `keys_as_words` (needs `lowercase`): a key name such as "F# minor" is one word (see
-    `KEY_PHRASE`), its own embedding, so "A minor" is never the article "a" + "minor" and the mode of a key is not
-    a conjunction the encoder has to learn; False splits it into tonic, "#" and mode words.
+    padding. Text is lower-cased (a prompt's capitals do not matter), and words and punctuation are split as
+    `\\w+|[^\\w\\s]+`; `keys` (one of `KEY_STYLES`) says how a key name ("F# minor") becomes words.
     """
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -64,13 +79,11 @@ def train_word_tokenizer(texts: Sequence[str], directory: str, min_frequency: in
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise ValueError("no texts to train a tokenizer on")
+    key_normalizers, key_pattern = _key_rules(keys)
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    if lowercase:
-        tok.normalizer = normalizers.Lowercase()
-    if keys_as_words and not lowercase:
-        raise ValueError("keys_as_words needs lowercase=True (the key pattern is written in lower case)")
-    words = (KEY_PHRASE + "|" if keys_as_words else "") + r"\w+|[^\w\s]+"
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(words), behavior="removed", invert=True)  # keep the matches
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), *key_normalizers])
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(key_pattern + r"\w+|[^\w\s]+"), behavior="removed",
+                                             invert=True)  # the matches are the words
     trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=min_frequency)
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
@@ -90,8 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("manifest", help="JSONL with a 'description' per line (e.g. a synth corpus manifest)")
     parser.add_argument("out", help="output directory (transformers tokenizer files)")
     parser.add_argument("--min-frequency", type=int, default=1)
-    parser.add_argument("--split-keys", action="store_true",
-                        help='split key names into words ("f", "#", "minor"); by default a key is one word')
+    parser.add_argument("--keys", choices=KEY_STYLES, default="split",
+                        help='how a key name ("F# minor") becomes words: "f" "#" "minor" (split, the demo model), '
+                             'one word (word), or both (both)')
     args = parser.parse_args(argv)
     try:
         with open(args.manifest) as f:
@@ -102,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.manifest} is not a JSONL manifest with one object per line: {err}")
     if not any(texts):
         parser.error(f"{args.manifest} has no 'description' to learn words from")
-    train_word_tokenizer(texts, args.out, args.min_frequency, keys_as_words=not args.split_keys)
+    train_word_tokenizer(texts, args.out, args.min_frequency, keys=args.keys)
     size = len(load_tokenizer(args.out))
     print(f"tokenizer with {size} tokens written to {args.out} (set text.vocab_size >= {size})")
     return 0
