@@ -193,3 +193,14 @@ def test_adherence_eval_runs_on_the_shipped_model(tmp_path, capsys):
     assert "major/minor swapped" in out
     losses = json.loads(report.read_text())["caption_sensitivity"]
     assert losses["another clip's caption"] > losses["as written"]  # the caption matters to the trained model
+
+
+def test_adherence_eval_scores_long_clips_window_by_window():
+    """Clips past the model's window are cut into whole windows (a short tail dropped); short clips give none."""
+    module = load_script(os.path.join("bench", "eval_adherence.py"), "eval_adherence")
+    wavs = np.arange(2 * 1 * 90, dtype=np.float32).reshape(2, 1, 90)  # 9 s at 10 Hz, 4 s window
+    segments = module.window_segments(wavs, 10, 4.0)
+    assert list(segments) == ["generated, s 0-4", "generated, s 4-8"]  # 1 s tail < half a window: dropped
+    np.testing.assert_array_equal(segments["generated, s 4-8"], wavs[..., 40:80])
+    assert list(module.window_segments(wavs[..., :70], 10, 4.0)) == ["generated, s 0-4", "generated, s 4-7"]
+    assert module.window_segments(wavs[..., :40], 10, 4.0) == {}
