@@ -131,9 +131,15 @@ def shard_entries(entries: Sequence[Entry], process_index: int, process_count: i
 
 
 def split_valid(entries: Sequence[Entry], fraction: float) -> tuple[list[Entry], list[Entry]]:
-    """(train, valid): a file is held out when a hash of its path falls below `fraction` (the same on every host)."""
+    """(train, valid): a file is held out when a hash of its path falls below `fraction`. The path is taken relative
+    to the folder that holds every entry, so the split is the same on every host and wherever the corpus lies."""
+    if not entries:
+        return [], []
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(e.path)) for e in entries])
+
     def held_out(entry: Entry) -> bool:
-        digest = hashlib.sha1(os.path.abspath(entry.path).encode()).digest()
+        relative = os.path.relpath(os.path.abspath(entry.path), root).replace(os.sep, "/")
+        digest = hashlib.sha1(relative.encode()).digest()
         return int.from_bytes(digest[:4], "big") / 2 ** 32 < fraction
     valid = [e for e in entries if held_out(e)]
     return [e for e in entries if not held_out(e)], valid

@@ -179,6 +179,20 @@ def test_valid_split_is_stable(folder):
     assert sorted(train + valid, key=lambda e: e.path) == entries
     assert data.split_valid(entries, 0.5) == (train, valid)
     assert data.split_valid(entries, 0.0) == (entries, [])
+    assert 0 < len(valid) < len(entries)
+
+
+def test_valid_split_does_not_depend_on_where_the_corpus_lies(folder, tmp_path_factory):
+    """The same corpus copied elsewhere splits the same files out (a reproduced run validates on the same clips)."""
+    import shutil
+
+    copy = shutil.copytree(str(folder), str(tmp_path_factory.mktemp("elsewhere") / "corpus"))
+    names = lambda split: [os.path.relpath(e.path, root) for e in split]
+    splits = {}
+    for root in (str(folder), copy):
+        train, valid = data.split_valid(data.scan_entries(root), 0.5)
+        splits[root] = (names(train), names(valid))
+    assert splits[str(folder)] == splits[copy] and splits[copy][1]
 
 
 def test_real_codec_end_to_end(folder, tmp_path):
