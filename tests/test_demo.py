@@ -141,6 +141,8 @@ def test_shipped_demo_checkpoint_loads_and_follows_its_prompt():
     """The checkpoint in the repository loads, has its tokenizer, and generates audio that depends on the prompt."""
     mg = MusicGen.load(DEMO)
     assert mg.tokenizer is not None and mg.sample_rate == 32000
+    ids, _ = tokenize(mg.tokenizer, ["in F# minor"])  # the `--keys both` tokenizer: key words and one key word
+    assert mg.tokenizer.convert_ids_to_tokens(ids[0].tolist()) == ["in", "f", "#", "minor", "f#minor", "</s>"]
     prompts = ["A calm sine pad melody in C major, slow, 80 bpm",
                "An upbeat chiptune lead arpeggio in A minor with drums, 150 bpm"]
     out = mg.generate(prompts, duration=1.0, seed=0)
