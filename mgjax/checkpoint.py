@@ -135,6 +135,13 @@ def check_tree_matches(expected: Any, actual: Any, what: str) -> None:
                                   f"implies {want}; the checkpoint and its config.yaml do not match")
 
 
+def _ocdbt_data_missing(params_dir: str) -> bool:
+    """True when `params_dir` has an OCDBT manifest but none of the per-process data folders it points into."""
+    if not os.path.isfile(os.path.join(params_dir, "manifest.ocdbt")):
+        return False
+    return not any(name.startswith("ocdbt.process_") for name in os.listdir(params_dir))
+
+
 def restore_params(directory: str, abstract_params: Mapping[str, Any],
                    sharding: Callable[[Any], Any] | None = None) -> dict:
     """Restores `params/` after checking it against `abstract_params` (top-level key -> tree of ShapeDtypeStruct).
@@ -144,6 +151,9 @@ def restore_params(directory: str, abstract_params: Mapping[str, Any],
     local device), so each host reads only its shards and nothing is materialised whole on one device.
     """
     params_dir = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+    if _ocdbt_data_missing(params_dir):  # orbax would fail too, but leak an async callback while failing
+        raise CheckpointError(f"the parameters in {params_dir} have no array data (no ocdbt.process_* folder); "
+                              f"the checkpoint is truncated or corrupt, re-run the conversion")
     checkpointer = ocp.StandardCheckpointer()
     try:
         stored = dict(checkpointer.metadata(params_dir).item_metadata.tree)

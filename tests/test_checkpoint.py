@@ -52,6 +52,7 @@ def test_mismatched_config_names_the_first_differing_leaf(converted):
         mgjax.MusicGen.load(converted)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no callback leaked on refusal
 def test_truncated_params_are_refused(converted):
     params_dir = os.path.join(converted, "params")
     data = [p for p in os.listdir(params_dir) if p.startswith("ocdbt.process") or p == "d"]
