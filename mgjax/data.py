@@ -135,14 +135,14 @@ def split_valid(entries: Sequence[Entry], fraction: float) -> tuple[list[Entry],
     to the folder that holds every entry, so the split is the same on every host and wherever the corpus lies."""
     if not entries:
         return [], []
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(e.path)) for e in entries])
+    paths = [os.path.abspath(e.path) for e in entries]
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
 
-    def held_out(entry: Entry) -> bool:
-        relative = os.path.relpath(os.path.abspath(entry.path), root).replace(os.sep, "/")
-        digest = hashlib.sha1(relative.encode()).digest()
+    def held_out(path: str) -> bool:
+        digest = hashlib.sha1(os.path.relpath(path, root).replace(os.sep, "/").encode()).digest()
         return int.from_bytes(digest[:4], "big") / 2 ** 32 < fraction
-    valid = [e for e in entries if held_out(e)]
-    return [e for e in entries if not held_out(e)], valid
+    flags = [held_out(p) for p in paths]
+    return ([e for e, out in zip(entries, flags) if not out], [e for e, out in zip(entries, flags) if out])
 
 
 # ----------------------------------------------------------------------------------------------- audio -> codes
