@@ -36,9 +36,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--block", type=int, default=3, help="steps per side before switching (1: strict A/B)")
     parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="torch threads; 1 also makes XLA single-threaded (fairer on a busy shared machine, "
-                             "where torch's spinning OpenMP threads suffer most)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="CPUs the process is pinned to (both runtimes) and torch's thread count; 1 is fairer on a "
+                             "busy shared machine, where torch's spinning OpenMP threads suffer most")
     parser.add_argument("--demo", action="store_true", help="the demo LM's shape (overrides the size flags)")
     args = parser.parse_args()
     if args.demo:
@@ -66,6 +66,17 @@ def make_batch(config, args, rng: np.random.Generator) -> dict[str, np.ndarray]:
             "mask": np.ones((args.batch, frames), bool),
             "cond": rng.standard_normal((args.batch, args.text_len, config.text.d_model)).astype(np.float32),
             "cond_mask": np.ones((args.batch, args.text_len), np.int32)}
+
+
+def pin_to_cores(count: int) -> list[int]:
+    """Restricts this process (both runtimes' threads) to its first `count` allowed CPUs; returns them. XLA has no
+    working thread-count flag in jaxlib 0.10.2 (`--xla_cpu_multi_thread_eigen=false` still keeps two cores busy), so
+    a CPU affinity is what makes a `--threads 1` comparison one core against one core."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if count < 1 or count > len(allowed):
+        raise SystemExit(f"--threads {count}: this process may use {len(allowed)} CPUs; pick 1..{len(allowed)}")
+    os.sched_setaffinity(0, allowed[:count])
+    return allowed[:count]
 
 
 def first_call(step) -> float:
@@ -153,9 +164,7 @@ def torch_step(config, batch, threads: int):
 
 def main() -> None:
     args = parse_args()
-    if args.threads == 1:  # must precede the first JAX import
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    cores = pin_to_cores(args.threads)  # must precede the first JAX import: XLA sizes its thread pool from it
     from mgjax.runtime import keep_host_memory
 
     kept = keep_host_memory()  # as train.py does; torch's step is unaffected (measured)
@@ -175,7 +184,7 @@ def main() -> None:
     mg_s, pt_s = median["mgjax"], median["transformers"]
 
     print(f"device: {jax.devices()[0].device_kind} ({jax.device_count()} device), torch {torch.__version__} "
-          f"threads {args.threads}{' (XLA single-threaded too)' if args.threads == 1 else ''}, "
+          f"threads {args.threads}, process pinned to CPUs {cores}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, host memory kept {kept}")
     print(f"LM: dim {config.lm.dim}, {config.lm.num_layers} layers, {config.lm.num_heads} heads, ffn "
           f"{config.lm.ffn_dim}, card {config.lm.card}, K {config.lm.num_codebooks}; params mgjax {n_mg / 1e6:.1f}M, "

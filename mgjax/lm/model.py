@@ -68,7 +68,24 @@ class CodebookHeads(nn.Module):
             return project("btd,kdc->bktc", x, kernel, jnp.float32)
         kernel = param_with_axes(self, "kernel", (c.num_codebooks, c.dim, c.card), ("codebooks", "embed", "vocab"))
         dtype = jnp.dtype(c.compute_dtype)
-        return jnp.einsum("btd,kdc->bktc", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        if x.shape[1] == 1:  # a decoding step: K small matrix-vector products, the kernel read once in place
+            return jnp.einsum("btd,kdc->bktc", x, kernel, preferred_element_type=jnp.float32)
+        return heads_as_one_matmul(x, kernel)
+
+
+def heads_as_one_matmul(x: Array, kernel: Array) -> Array:
+    """x `[B, T, D]`, kernel `[K, D, card]` -> logits `[B, K, T, card]` float32, as one `[B*T, D] @ [D, K*card]`.
+
+    Why not the einsum: XLA:CPU lowers "btd,kdc->bktc" to a transposed `[K*card, D] @ [D, B*T]` product behind a
+    strided copy of the kernel, and its gradient arrives transposed, which then slows AdamW's elementwise update of
+    this (the largest) parameter ~8x. One plain matmul over the flattened heads is ~1.8x faster for the heads' forward,
+    backward and optimizer update on a 2-core CPU (d 512, card 2048, 604 positions: 53 ms against 94)."""
+    b, t, d = x.shape
+    k, _, card = kernel.shape
+    flat_kernel = kernel.transpose(1, 0, 2).reshape(d, k * card)
+    logits = jnp.matmul(x.reshape(b * t, d), flat_kernel, preferred_element_type=jnp.float32)
+    return logits.reshape(b, t, k, card).transpose(0, 2, 1, 3)
 
 
 def projection(config: LMConfig, name: str) -> nn.Dense:
