@@ -253,3 +253,37 @@ def test_config_from_hf_dict():
     assert melody.conditioning == "prepend" and melody.chroma_length == 235 and melody.pattern_delays == ()
     with pytest.raises(ConfigError, match="activation_function"):
         lm_config_from_hf({"decoder": {"activation_function": "relu"}})
+
+
+@pytest.mark.parametrize("name", sorted(DECODERS))
+def test_parameter_gradients_match_transformers(name):
+    """The train step's backward (hand-written for the projections, the feed-forward and the heads) against torch
+    autograd: the gradient of sum(logits * cotangent) in every decoder parameter. Torch's gradients go through the
+    weight converter (linear in the weights, so it maps gradients as it maps weights)."""
+    dec = DECODERS[name]
+    model = _oracle(dec)
+    K, card = dec["num_codebooks"], dec["vocab_size"]
+    codes, ids, mask = _inputs(card, K, seq=11)
+    cotangent = np.random.default_rng(5).standard_normal((2, K, codes.shape[-1], card)).astype(np.float32)
+    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                decoder_input_ids=torch.tensor(codes.reshape(2 * K, -1))).logits
+    (out.reshape(cotangent.shape) * torch.from_numpy(cotangent)).sum().backward()
+    grads = {key: np.zeros(value.shape, np.float32) for key, value in model.state_dict().items()}
+    grads.update({key: p.grad.numpy() for key, p in model.named_parameters() if p.grad is not None})
+
+    cfg, params = _ours(model)
+    ref = lm_params_from_hf(grads, cfg)
+    cond = jnp.asarray(_text_states(model, ids, mask))
+
+    def objective(p):
+        logits = MusicGenLM(cfg).apply({"params": p}, jnp.asarray(codes, jnp.int32), cond, jnp.asarray(mask))
+        return jnp.sum(logits * cotangent)
+
+    ours = jax.grad(objective)(params)
+    flat_ours, flat_ref = flax.traverse_util.flatten_dict(ours), flax.traverse_util.flatten_dict(ref)
+    assert flat_ours.keys() == flat_ref.keys()
+    for key, expected in flat_ref.items():
+        scale = max(1.0, float(np.abs(expected).max()))
+        err = float(np.abs(np.asarray(flat_ours[key]) - expected).max())
+        print(f"{name} {'/'.join(key)}: max |grad| {scale:.1f}, max abs err {err:.2e}")
+        assert err <= TOL * scale, key

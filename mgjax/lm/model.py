@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mgjax.config import LMConfig
-from mgjax.lm.transformer import (LayerNorm, default_init, param_with_axes, project, quantize_weight, scanned_layers,
-                                  sinusoidal_positions)
+from mgjax.lm.transformer import (LayerNorm, default_init, param_with_axes, project, quantize_weight, rows_matmul,
+                                  scanned_layers, sinusoidal_positions)
 
 Array = jax.Array
 
@@ -84,7 +84,7 @@ def heads_as_one_matmul(x: Array, kernel: Array) -> Array:
     b, t, d = x.shape
     k, _, card = kernel.shape
     flat_kernel = kernel.transpose(1, 0, 2).reshape(d, k * card)
-    logits = jnp.matmul(x.reshape(b * t, d), flat_kernel, preferred_element_type=jnp.float32)
+    logits = rows_matmul(x.reshape(b * t, d), flat_kernel, jnp.float32)
     return logits.reshape(b, t, k, card).transpose(0, 2, 1, 3)
 
 
