@@ -287,3 +287,21 @@ def test_parameter_gradients_match_transformers(name):
         err = float(np.abs(np.asarray(flat_ours[key]) - expected).max())
         print(f"{name} {'/'.join(key)}: max |grad| {scale:.1f}, max abs err {err:.2e}")
         assert err <= TOL * scale, key
+
+
+@pytest.mark.parametrize("spec, x_shape, w_shape", [
+    ("btd,dhk->bthk", (2, 5, 6), (6, 3, 4)),    # one contracted axis: a rows_matmul
+    ("bthk,hkd->btd", (2, 5, 3, 4), (3, 4, 6)),  # two contracted axes, flattened
+    ("btd,kdc->bktc", (2, 5, 6), (3, 6, 7)),    # weight axis ahead of the contracted one: the einsum
+])
+def test_float_project_is_the_einsum_with_its_gradients(spec, x_shape, w_shape):
+    from mgjax.lm.transformer import float_project
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(x_shape).astype(np.float32), rng.standard_normal(w_shape).astype(np.float32)
+    out_shape = jnp.einsum(spec, x, w).shape
+    cotangent = rng.standard_normal(out_shape).astype(np.float32)
+    ours = jax.value_and_grad(lambda a, b: jnp.sum(float_project(spec, a, b) * cotangent), argnums=(0, 1))(x, w)
+    ref = jax.value_and_grad(lambda a, b: jnp.sum(jnp.einsum(spec, a, b) * cotangent), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5)
+    for got, expected in zip(ours[1], ref[1]):
+        np.testing.assert_allclose(got, expected, atol=1e-5)

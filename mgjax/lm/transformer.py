@@ -74,8 +74,8 @@ def rows_matmul(x: Array, w: Array, out_dtype=None) -> Array:
 
     The weight gradient `x.T @ g` contracts over the rows. Left to autodiff, XLA:CPU either folds the transpose into
     the product (Eigen's path, ~30 % slower than YNNPACK's) or fuses it into whatever produced g (a layer-norm
-    backward written with strided stores, ~20x slower than a plain transpose). Transposing the saved x behind a
-    barrier makes it one cheap copy of an existing buffer."""
+    backward written with strided stores, ~20x slower than a plain transpose). Here the transpose reads x, a saved
+    forward activation, so it is a plain copy; the barrier keeps XLA from folding it back into the product."""
     return jnp.matmul(x, w, preferred_element_type=out_dtype)
 
 
