@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--block", type=int, default=3, help="steps per side before switching (1: strict A/B)")
     parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--threads", type=int, default=len(allowed_cpus()),
                         help="CPUs the process is pinned to (both runtimes) and torch's thread count; 1 is fairer on a "
                              "busy shared machine, where torch's spinning OpenMP threads suffer most")
     parser.add_argument("--demo", action="store_true", help="the demo LM's shape (overrides the size flags)")
@@ -68,14 +68,25 @@ def make_batch(config, args, rng: np.random.Generator) -> dict[str, np.ndarray]:
             "cond_mask": np.ones((args.batch, args.text_len), np.int32)}
 
 
+def allowed_cpus() -> list[int]:
+    """The CPUs this process may run on (all of them where the OS has no affinity call, e.g. macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def pin_to_cores(count: int) -> list[int]:
     """Restricts this process (both runtimes' threads) to its first `count` allowed CPUs; returns them. XLA has no
     working thread-count flag in jaxlib 0.10.2 (`--xla_cpu_multi_thread_eigen=false` still keeps two cores busy), so
     a CPU affinity is what makes a `--threads 1` comparison one core against one core."""
-    allowed = sorted(os.sched_getaffinity(0))
+    allowed = allowed_cpus()
     if count < 1 or count > len(allowed):
         raise SystemExit(f"--threads {count}: this process may use {len(allowed)} CPUs; pick 1..{len(allowed)}")
-    os.sched_setaffinity(0, allowed[:count])
+    if count < len(allowed):
+        if not hasattr(os, "sched_setaffinity"):
+            raise SystemExit(f"--threads {count}: this OS cannot pin a process to CPUs; run with all "
+                             f"{len(allowed)} (the default)")
+        os.sched_setaffinity(0, allowed[:count])
     return allowed[:count]
 
 

@@ -114,3 +114,21 @@ def test_progress_bar_restarts_its_rate_for_each_window(monkeypatch, capsys):
     lines = [line.split("\r")[-1] for line in capsys.readouterr().err.strip().split("\n")]
     assert len(lines) == 2
     assert lines[0].endswith("30/30 steps 10.0 steps/s") and lines[1].endswith("20/30 steps 10.0 steps/s")
+
+
+def test_bench_train_threads_pins_the_process_and_refuses_an_impossible_count():
+    """`bench_train.py --threads N` pins the whole process (both runtimes) to N CPUs, checked in a child process
+    so this one keeps its CPUs; a count beyond what the process may use is refused with the allowed range."""
+    from helpers_scripts import load_script
+    bench = load_script(os.path.join("bench", "bench_train.py"), "bench_train")
+    allowed = bench.allowed_cpus()
+    for count in (0, len(allowed) + 1):
+        with pytest.raises(SystemExit, match=rf"--threads {count}: .* pick 1\.\.{len(allowed)}"):
+            bench.pin_to_cores(count)
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("this OS has no CPU affinity call")
+    child = ("import os, sys; sys.path.insert(0, 'bench'); import bench_train as b; "
+             "print(b.pin_to_cores(1), sorted(os.sched_getaffinity(0)))")
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    assert out.strip() == f"{allowed[:1]} {allowed[:1]}"  # returned and applied
