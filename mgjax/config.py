@@ -169,7 +169,8 @@ class TrainConfig:
     log_every: int = 10
     data_dir: str = ""
     output_dir: str = "runs/default"
-    # Data (mgjax/data.py): `data_dir` is a folder of audio files with sidecar captions or a JSONL manifest.
+    # Data (mgjax/data.py): `data_dir` is a folder of audio files with sidecar captions, a JSONL manifest, or several
+    # of these joined by commas.
     synthetic: bool = False  # train on generated structured codes instead of audio (tests, benches)
     cache_dir: str = ""  # codes cache; "" means <output_dir>/code_cache
     tokenizer_dir: str = ""  # "" means <pretrained>/tokenizer when it exists, else caption ids from the metadata

@@ -4,7 +4,8 @@ Sources (`train.data_dir`):
 - a folder searched recursively for audio files (wav, flac, ogg, mp3, aiff), each with an optional sidecar caption:
   `song.json` (`{"description": ..., "input_ids": [...]}`, both optional) or `song.txt` (the description);
 - a JSONL manifest, one `{"path": ..., "description": ..., "duration": ..., "input_ids": [...]}` per line (relative
-  paths are relative to the manifest).
+  paths are relative to the manifest);
+- several of these joined by commas (`a/manifest.jsonl,b/`): their files together.
 
 Every file is read once, mixed to the codec's channels, resampled to its sample rate, encoded and cached as
 `<cache_dir>/<sha1(path, mtime, size, codec config, codec weights)>.npz`; a file that cannot be read or encoded is
@@ -96,11 +97,22 @@ def read_manifest(path: str) -> list[Entry]:
     return entries
 
 
-def scan_entries(source: str) -> list[Entry]:
-    """Entries of a data folder (audio files + sidecars) or a `.jsonl` manifest, sorted by path."""
-    if not source:
+def scan_entries(sources: str) -> list[Entry]:
+    """Entries of a data folder (audio files + sidecars), a `.jsonl` manifest, or several of them joined by commas,
+    sorted by path."""
+    if not sources.strip():
         raise DataError("no training data: set train.data_dir to a folder of audio files or a .jsonl manifest "
                         "(or pass --synthetic)")
+    parts = [part.strip() for part in sources.split(",")]
+    if not all(parts):
+        raise DataError(f"train.data_dir {sources!r} has an empty source between its commas")
+    if len(parts) > 1:
+        return sorted((entry for part in parts for entry in _source_entries(part)), key=lambda e: e.path)
+    return _source_entries(parts[0])
+
+
+def _source_entries(source: str) -> list[Entry]:
+    """Entries of one data folder or `.jsonl` manifest, sorted by path."""
     if os.path.isfile(source):
         if not source.endswith((".jsonl", ".json")):
             raise DataError(f"{source} is a file but not a .jsonl manifest")

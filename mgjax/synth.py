@@ -419,8 +419,8 @@ def generate_corpus(out_dir: str, n_clips: int, seed: int = 0, seconds: float = 
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    """`python -m mgjax.synth OUT_DIR --clips N --heldout M --seed S [--open-on-third]`: writes a corpus (see
-    `generate_corpus`)."""
+    """`python -m mgjax.synth OUT_DIR --clips N --heldout M --seed S [--holdout-seed H] [--open-on-third]`: writes a
+    corpus (see `generate_corpus`)."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Write a labelled synthetic music corpus")
@@ -429,11 +429,15 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--heldout", type=int, default=64, help="clips of the held-out (instrument, key) pairs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--holdout-seed", type=int, default=None,
+                        help="keep out the held-out combinations of the corpus of this seed (default: --seed), so "
+                             "a second corpus with new clips, e.g. longer ones to fine-tune on, holds out the same")
     parser.add_argument("--open-on-third", action="store_true",
                         help="every clip's first note is its tonic's third, so its first sound states the mode "
                              "(an experiment; the shipped demo model's corpus is made without it)")
     args = parser.parse_args(None if argv is None else list(argv))
-    path = generate_corpus(args.out, args.clips, args.seed, args.seconds, holdout=True, n_heldout=args.heldout,
+    holdout = True if args.holdout_seed is None else held_out_combinations(args.holdout_seed)
+    path = generate_corpus(args.out, args.clips, args.seed, args.seconds, holdout=holdout, n_heldout=args.heldout,
                            open_on_third=args.open_on_third)
     print(f"{args.clips} clips + {args.heldout} held out written; manifest {path}")
     return 0

@@ -75,6 +75,21 @@ def test_manifest_with_relative_paths(folder):
     assert entries[1].duration == 0.3 and entries[0].input_ids == (3, 4)
 
 
+def test_several_sources_joined_by_commas(folder, tmp_path_factory):
+    other = tmp_path_factory.mktemp("other")
+    soundfile.write(other / "d.wav", sine(0.5, 32000), 32000)
+    manifest = other / "m.jsonl"
+    manifest.write_text(json.dumps({"path": "d.wav", "description": "long clip"}) + "\n")
+    entries = data.scan_entries(f"{manifest}, {folder}")
+    assert sorted(e.path for e in entries) == [e.path for e in entries]
+    assert {os.path.basename(e.path) for e in entries} == {"a.wav", "b.flac", "bad.wav", "c.wav", "d.wav"}
+    assert next(e for e in entries if e.path.endswith("d.wav")).description == "long clip"
+    with pytest.raises(data.DataError, match="empty source"):
+        data.scan_entries(f"{manifest},,{folder}")
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.scan_entries(f"{manifest},/no/such/dir")
+
+
 @pytest.mark.parametrize("source, message", [("", "set train.data_dir"), ("/no/such/dir", "does not exist")])
 def test_missing_data_is_a_clear_error(source, message):
     with pytest.raises(data.DataError, match=message):

@@ -118,6 +118,20 @@ def test_generate_corpus_files(tmp_path):
     assert (open(manifest).read(), open(os.path.join(out, "clips/00000.wav"), "rb").read()) == before
 
 
+def test_cli_holdout_seed_keeps_out_another_corpus_pairs(tmp_path):
+    """A second corpus (new seed, longer clips) made to fine-tune on holds out the first corpus's combinations."""
+    out = str(tmp_path / "long")
+    assert synth.main([out, "--clips", "6", "--heldout", "0", "--seed", "1", "--seconds", "0.5",
+                       "--holdout-seed", "0"]) == 0
+    pairs = set(synth.held_out_combinations(0))
+    assert pairs != set(synth.held_out_combinations(1))
+    info = json.load(open(os.path.join(out, "corpus.json")))
+    assert {tuple(p) for p in info["held_out_combinations"]} == pairs and info["seed"] == 1
+    lines = [json.loads(line) for line in open(os.path.join(out, "manifest.jsonl"))]
+    assert len(lines) == 6 and all(item["duration"] == 0.5 for item in lines)
+    assert all((i["attributes"]["instrument"], i["attributes"]["key"]) not in pairs for i in lines)
+
+
 def test_n_heldout_needs_pairs(tmp_path):
     with pytest.raises(ValueError, match="holdout"):
         synth.generate_corpus(str(tmp_path), 1, n_heldout=2)
