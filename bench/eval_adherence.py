@@ -8,7 +8,8 @@ accuracy is printed next to chance and next to the same estimators on the real h
 those clips passed through the model's codec (what the codec keeps). Also prints the sampling speed, and the LM's
 teacher-forced loss on the real clips with each caption as written and edited (mode swapped, tonic moved, another
 clip's caption): an edit that leaves the loss unchanged names an attribute the model does not read. Clips longer
-than the model's window (`--seconds 8` for the demo model's 4 s) are also scored window by window.
+than the model's window (`--seconds 8` for the demo model's 4 s) are also scored window by window, and their loss is
+taken window by window as generation writes them, each window's new frames after its prompt also on their own.
 
     python bench/eval_adherence.py [--checkpoint mgjax/assets/demo] [--clips 64] [--batch 16] [--json out.json]
 """
@@ -118,28 +119,55 @@ def edited_captions(captions: list[str], truths: list[dict]) -> dict[str, list[s
             "another clip's caption": captions[1:] + captions[:1]}
 
 
-def caption_sensitivity(mg, codes: np.ndarray, captions: list[str], truths: list[dict], batch: int) -> dict:
+def teacher_forced_windows(frames: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """How generation walks `frames` frames (`MusicGen.generate_windows`), as `(start, end, scored_from)` per window:
+    the LM sees frames `[start, end)` and each frame is scored once, in the window that generated it (the first
+    window all of its frames, a later one the `stride` frames after its prompt of `window - stride` frames)."""
+    plans, start = [], 0
+    while True:
+        end = min(start + window, frames)
+        plans.append((start, end, start if start == 0 else min(start + window - stride, end)))
+        if end >= frames:
+            return plans
+        start += stride
+
+
+def caption_sensitivity(mg, codes: np.ndarray, captions: list[str], truths: list[dict],
+                        batch: int) -> tuple[dict, dict]:
     """Teacher-forced LM loss on the real clips' codes `[count, K, T]` under each edit of `edited_captions` (no
-    dropout, no CFG). An attribute whose edit leaves the loss unchanged is one the model does not read."""
+    dropout, no CFG). An attribute whose edit leaves the loss unchanged is one the model does not read. Clips past
+    the model's window are read window by window as generation writes them (`teacher_forced_windows`), so every
+    frame is scored with the context it is generated from. Returns ({edit: loss}, {"s a-b": loss as written} per
+    window's scored frames)."""
     import jax
     import jax.numpy as jnp
 
     from mgjax import training
 
     params = {name: value for name, value in mg.params.items() if name != "codec"}
-    loss_fn = jax.jit(lambda p, b: training.eval_step(mg.config, p, {}, b)["loss"])
-    losses = {}
+    step = jax.jit(lambda p, b: training.eval_step(mg.config, p, {}, b))
+    window, stride = mg.window_frames()
+    plans = teacher_forced_windows(codes.shape[-1], window, stride)
+    losses, by_window = {}, {}
     for name, texts in edited_captions(captions, truths).items():
-        total = 0.0
+        sums = np.zeros(len(plans))
+        tokens = np.zeros(len(plans))
         for i in range(0, len(texts), batch):
             ids, mask = mg.tokenize(texts[i:i + batch])
-            chunk = codes[i:i + batch]
-            loss = loss_fn(params, {"codes": jnp.asarray(chunk), "text_ids": jnp.asarray(ids),
-                                    "text_mask": jnp.asarray(mask),
-                                    "mask": jnp.ones((chunk.shape[0], chunk.shape[-1]), jnp.int32)})
-            total += float(loss) * len(chunk)  # every clip has as many tokens: a clip-weighted mean is exact
-        losses[name] = total / len(texts)
-    return losses
+            for w, (start, end, scored_from) in enumerate(plans):
+                chunk = codes[i:i + batch, :, start:end]
+                scored = np.zeros((chunk.shape[0], end - start), np.int32)
+                scored[:, scored_from - start:] = 1  # the window's prompt is context, not scored
+                out = step(params, {"codes": jnp.asarray(chunk), "text_ids": jnp.asarray(ids),
+                                    "text_mask": jnp.asarray(mask), "mask": jnp.asarray(scored)})
+                sums[w] += float(out["loss"]) * float(out["tokens"])
+                tokens[w] += float(out["tokens"])
+        losses[name] = float(sums.sum() / tokens.sum())
+        if name == "as written":
+            rate = mg.frame_rate
+            by_window = {f"s {scored_from / rate:g}-{end / rate:g}": float(sums[w] / tokens[w])
+                         for w, (_, end, scored_from) in enumerate(plans)}
+    return losses, by_window
 
 
 def table(results: dict[str, dict], chance: dict) -> str:
@@ -185,10 +213,13 @@ def main(argv=None) -> int:
                     window_segments(generated, sr, mg.config.lm.max_duration).items()})
     results.update({"real clips (ceiling)": score(real), "real through the codec": score(reconstructed)})
     print(table(results, attributes.CHANCE))
-    sensitivity = caption_sensitivity(mg, real_codes, captions, truths, args.batch)
+    sensitivity, by_window = caption_sensitivity(mg, real_codes, captions, truths, args.batch)
     print("teacher-forced loss on the real clips by caption: " + ", ".join(
         f"{name} {loss:.4f}" + ("" if name == "as written" else f" ({loss - sensitivity['as written']:+.4f})")
         for name, loss in sensitivity.items()))
+    if len(by_window) > 1:
+        print("  as written, by the frames each window generates: " + ", ".join(
+            f"{name} {loss:.4f}" for name, loss in by_window.items()))
     print(f"sampling: {speed['audio_seconds_per_second']:.2f} s of audio per s (batch {args.batch}, CFG "
           f"{args.cfg}, {args.seconds:g} s clips; first batch with compilation {speed['first_batch_s']:.1f} s, "
           f"then {speed['steady_batch_s']:.1f} s per batch)")
@@ -196,7 +227,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": results, "chance": attributes.CHANCE, "speed": speed, "targets_met": met,
-                       "caption_sensitivity": sensitivity, "args": vars(args)}, f, indent=1)
+                       "caption_sensitivity": sensitivity, "loss_by_window": by_window, "args": vars(args)},
+                      f, indent=1)
     print("targets met: " + ", ".join(f"{n} {'yes' if ok else 'NO'}" for n, ok in met.items()))
     return 0
 

@@ -195,6 +195,21 @@ def test_adherence_eval_runs_on_the_shipped_model(tmp_path, capsys):
     assert "major/minor swapped" in out
     losses = json.loads(report.read_text())["caption_sensitivity"]
     assert losses["another clip's caption"] > losses["as written"]  # the caption matters to the trained model
+    assert list(json.loads(report.read_text())["loss_by_window"]) == ["s 0-4"]
+
+
+def test_adherence_eval_reads_long_clips_as_generation_writes_them():
+    """Teacher-forced windows follow `MusicGen.generate_windows`: same starts, each frame scored exactly once, in
+    the window that generates it."""
+    module = load_script(os.path.join("bench", "eval_adherence.py"), "eval_adherence")
+    assert module.teacher_forced_windows(400, 200, 100) == [(0, 200, 0), (100, 300, 200), (200, 400, 300)]
+    assert module.teacher_forced_windows(350, 200, 150) == [(0, 200, 0), (150, 350, 200)]
+    assert module.teacher_forced_windows(120, 200, 100) == [(0, 120, 0)]
+    for frames in (200, 201, 299, 300, 517):
+        plans = module.teacher_forced_windows(frames, 200, 100)
+        scored = np.concatenate([np.arange(first, end) for _, end, first in plans])
+        np.testing.assert_array_equal(scored, np.arange(frames))
+        assert all(end - start <= 200 and start % 100 == 0 for start, end, _ in plans)
 
 
 def test_adherence_eval_scores_long_clips_window_by_window():
