@@ -5,7 +5,7 @@ Sources (`train.data_dir`):
   `song.json` (`{"description": ..., "input_ids": [...]}`, both optional) or `song.txt` (the description);
 - a JSONL manifest, one `{"path": ..., "description": ..., "duration": ..., "input_ids": [...]}` per line (relative
   paths are relative to the manifest);
-- several of these joined by commas (`a/manifest.jsonl,b/`): their files together.
+- several of these joined by commas (`a/manifest.jsonl,b/`): their files together, each file once.
 
 Every file is read once, mixed to the codec's channels, resampled to its sample rate, encoded and cached as
 `<cache_dir>/<sha1(path, mtime, size, codec config, codec weights)>.npz`; a file that cannot be read or encoded is
@@ -106,9 +106,13 @@ def scan_entries(sources: str) -> list[Entry]:
     parts = [part.strip() for part in sources.split(",")]
     if not all(parts):
         raise DataError(f"train.data_dir {sources!r} has an empty source between its commas")
-    if len(parts) > 1:
-        return sorted((entry for part in parts for entry in _source_entries(part)), key=lambda e: e.path)
-    return _source_entries(parts[0])
+    if len(parts) == 1:
+        return _source_entries(parts[0])
+    unique = {}  # a file that two sources list is read once, with the caption of the first source naming it
+    for part in parts:
+        for entry in _source_entries(part):
+            unique.setdefault(os.path.abspath(entry.path), entry)
+    return sorted(unique.values(), key=lambda e: e.path)
 
 
 def _source_entries(source: str) -> list[Entry]:

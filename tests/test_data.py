@@ -84,6 +84,7 @@ def test_several_sources_joined_by_commas(folder, tmp_path_factory):
     assert sorted(e.path for e in entries) == [e.path for e in entries]
     assert {os.path.basename(e.path) for e in entries} == {"a.wav", "b.flac", "bad.wav", "c.wav", "d.wav"}
     assert next(e for e in entries if e.path.endswith("d.wav")).description == "long clip"
+    assert len(data.scan_entries(f"{manifest},{folder},{folder / 'sub'}")) == len(entries)  # c.wav once
     with pytest.raises(data.DataError, match="empty source"):
         data.scan_entries(f"{manifest},,{folder}")
     with pytest.raises(data.DataError, match="does not exist"):
