@@ -119,35 +119,25 @@ def edited_captions(captions: list[str], truths: list[dict]) -> dict[str, list[s
             "another clip's caption": captions[1:] + captions[:1]}
 
 
-def teacher_forced_windows(frames: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """How generation walks `frames` frames (`MusicGen.generate_windows`), as `(start, end, scored_from)` per window:
-    the LM sees frames `[start, end)` and each frame is scored once, in the window that generated it (the first
-    window all of its frames, a later one the `stride` frames after its prompt of `window - stride` frames)."""
-    plans, start = [], 0
-    while True:
-        end = min(start + window, frames)
-        plans.append((start, end, start if start == 0 else min(start + window - stride, end)))
-        if end >= frames:
-            return plans
-        start += stride
-
-
 def caption_sensitivity(mg, codes: np.ndarray, captions: list[str], truths: list[dict],
                         batch: int) -> tuple[dict, dict]:
     """Teacher-forced LM loss on the real clips' codes `[count, K, T]` under each edit of `edited_captions` (no
     dropout, no CFG). An attribute whose edit leaves the loss unchanged is one the model does not read. Clips past
-    the model's window are read window by window as generation writes them (`teacher_forced_windows`), so every
-    frame is scored with the context it is generated from. Returns ({edit: loss}, {"s a-b": loss as written} per
+    the model's window are read window by window as generation writes them (`mgjax.api.window_plan`), so every
+    frame is scored once, with the context it is generated from. Returns ({edit: loss}, {"s a-b": loss as written} per
     window's scored frames)."""
     import jax
     import jax.numpy as jnp
 
     from mgjax import training
+    from mgjax.api import window_plan
 
     params = {name: value for name, value in mg.params.items() if name != "codec"}
     step = jax.jit(lambda p, b: training.eval_step(mg.config, p, {}, b))
     window, stride = mg.window_frames()
-    plans = teacher_forced_windows(codes.shape[-1], window, stride)
+    frames = codes.shape[-1]
+    plans = [(start, min(start + window, frames), first_new)
+             for start, first_new in window_plan(frames, window, stride)]  # (start, end, scored_from)
     losses, by_window = {}, {}
     for name, texts in edited_captions(captions, truths).items():
         sums = np.zeros(len(plans))

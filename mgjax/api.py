@@ -66,6 +66,19 @@ def abstract_params(config: MusicGenConfig, mesh: Optional[jax.sharding.Mesh] = 
                         abstract, logical_shardings(boxed, mesh))
 
 
+def window_plan(frames: int, window: int, stride: int, prompt_frames: int = 0) -> list[tuple[int, int]]:
+    """How a generation of `frames` frames walks windows of `window` frames advancing by `stride`, as
+    `(start, first_new)` per window: the window covers frames `[start, start + window)` and writes those from
+    `first_new` on. The first window keeps a prompt of `prompt_frames`; each later one is prompted with the previous
+    window's last `window - stride` frames. Empty when the prompt already covers `frames`."""
+    plan, start, first_new = [], 0, prompt_frames
+    while first_new < frames:
+        plan.append((start, first_new))
+        start += stride
+        first_new = start + window - stride
+    return plan
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _encode_text(config: T5Config, params, input_ids, attention_mask):
     return T5Encoder(config).apply({"params": params}, input_ids, attention_mask)
@@ -209,23 +222,21 @@ class MusicGen:
         compile: the first window and the prompted ones.
         """
         window, stride = self.window_frames()
-        total = frames
-        window = min(window, total)
+        window = min(window, frames)
         pieces, windows = [prompt_codes], []
-        prompt, offset = prompt_codes, 0
-        while offset + prompt.shape[-1] < total:
+        prompt = prompt_codes
+        for start, _ in window_plan(frames, window, stride, prompt_codes.shape[-1]):
             chroma = None
             if self.config.lm.conditioning == "prepend":
-                chroma = self._window_chroma(melody, melody_sample_rate, cond.shape[0], offset / self.frame_rate)
-            codes = generate_codes(self.params["lm"], cond, jnp.asarray(mask), jax.random.fold_in(key, offset),
+                chroma = self._window_chroma(melody, melody_sample_rate, cond.shape[0], start / self.frame_rate)
+            codes = generate_codes(self.params["lm"], cond, jnp.asarray(mask), jax.random.fold_in(key, start),
                                    prompt, lm_config=self.config.lm, frames=window, sampling=sampling,
                                    chroma=chroma, progress_every=progress_every)
             codes = np.asarray(jax.block_until_ready(codes))
             windows.append(codes)
             pieces.append(codes[:, :, prompt.shape[-1]:])
             prompt = codes[:, :, stride:]
-            offset += stride
-        return np.concatenate(pieces, axis=-1)[:, :, :total], windows
+        return np.concatenate(pieces, axis=-1)[:, :, :frames], windows
 
     def _check_melody(self, melody, batch: int):
         if melody is None:

@@ -198,18 +198,21 @@ def test_adherence_eval_runs_on_the_shipped_model(tmp_path, capsys):
     assert list(json.loads(report.read_text())["loss_by_window"]) == ["s 0-4"]
 
 
-def test_adherence_eval_reads_long_clips_as_generation_writes_them():
-    """Teacher-forced windows follow `MusicGen.generate_windows`: same starts, each frame scored exactly once, in
-    the window that generates it."""
-    module = load_script(os.path.join("bench", "eval_adherence.py"), "eval_adherence")
-    assert module.teacher_forced_windows(400, 200, 100) == [(0, 200, 0), (100, 300, 200), (200, 400, 300)]
-    assert module.teacher_forced_windows(350, 200, 150) == [(0, 200, 0), (150, 350, 200)]
-    assert module.teacher_forced_windows(120, 200, 100) == [(0, 120, 0)]
-    for frames in (200, 201, 299, 300, 517):
-        plans = module.teacher_forced_windows(frames, 200, 100)
-        scored = np.concatenate([np.arange(first, end) for _, end, first in plans])
-        np.testing.assert_array_equal(scored, np.arange(frames))
-        assert all(end - start <= 200 and start % 100 == 0 for start, end, _ in plans)
+def test_window_plan_writes_each_frame_once():
+    """`window_plan`, which both `MusicGen.generate_windows` and the adherence eval's teacher-forced loss walk: window
+    starts a stride apart, each frame written exactly once, a prompt's frames never."""
+    from mgjax.api import window_plan
+    assert window_plan(400, 200, 100) == [(0, 0), (100, 200), (200, 300)]
+    assert window_plan(350, 200, 150) == [(0, 0), (150, 200)]
+    assert window_plan(120, 200, 100) == [(0, 0)]
+    assert window_plan(300, 200, 100, prompt_frames=50) == [(0, 50), (100, 200)]
+    assert window_plan(40, 200, 100, prompt_frames=40) == []
+    for frames, prompt in ((200, 0), (201, 0), (299, 0), (300, 30), (517, 0), (517, 150)):
+        plan = window_plan(frames, 200, 100, prompt)
+        ends = [min(start + 200, frames) for start, _ in plan]
+        written = np.concatenate([np.arange(first, end) for (_, first), end in zip(plan, ends)])
+        np.testing.assert_array_equal(written, np.arange(prompt, frames))
+        assert [start for start, _ in plan] == list(range(0, 100 * len(plan), 100))
 
 
 def test_adherence_eval_scores_long_clips_window_by_window():
