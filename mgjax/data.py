@@ -106,7 +106,7 @@ def scan_entries(sources: str) -> list[Entry]:
     parts = [part.strip() for part in sources.split(",")]
     if not all(parts):
         raise DataError(f"train.data_dir {sources!r} has an empty source between its commas")
-    if len(parts) == 1:
+    if len(parts) == 1:  # keeps a folder's walk order, which the batches of existing runs depend on
         return _source_entries(parts[0])
     unique = {}  # a file that two sources list is read once, with the caption of the first source naming it
     for part in parts:
