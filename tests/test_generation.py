@@ -116,6 +116,28 @@ def test_no_recompilation_and_one_compiled_loop(pair):
     assert text.count(f"length={steps}") >= 1, "the decoding steps must run inside one scan of fixed length"
 
 
+def test_split_layer_decoding_gives_the_same_tokens(pair, monkeypatch):
+    """Decoding on split layer weights (the CPU default) and scanning the stacked weights pick the same tokens; the
+    split is skipped where its copy of the layer weights would not fit in free memory, or off a CPU."""
+    _, _, mg = pair
+    ids, mask = mg.tokenize(PROMPTS)
+    cond = mg.encode_text(ids, mask)
+    prompt = jnp.zeros((2, mg.config.lm.num_codebooks, 0), jnp.int32)
+    greedy = sampling.SamplingConfig(greedy=True, cfg_coef=3.0)
+    topk = sampling.SamplingConfig(top_k=5, cfg_coef=3.0)
+    for config in (greedy, topk):
+        runs = [sampling.generate_codes(mg.params["lm"], cond, jnp.asarray(mask), jax.random.key(7), prompt,
+                                        lm_config=mg.config.lm, frames=10, sampling=config, split_layers=split)
+                for split in (True, False)]
+        np.testing.assert_array_equal(runs[0], runs[1])
+    assert jax.default_backend() != "cpu" or sampling.split_layers_by_default(mg.params["lm"])
+    monkeypatch.setattr(sampling, "free_host_bytes", lambda: sampling.layer_weight_bytes(mg.params["lm"]) - 1)
+    assert not sampling.split_layers_by_default(mg.params["lm"])
+    monkeypatch.setattr(sampling, "free_host_bytes", lambda: None)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert not sampling.split_layers_by_default(mg.params["lm"])
+
+
 def test_progress_callback_reports_steps(pair):
     _, _, mg = pair
     seen = []

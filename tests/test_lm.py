@@ -11,7 +11,7 @@ import transformers
 
 from mgjax.config import ConfigError, LMConfig
 from mgjax.convert.hf_lm import lm_config_from_hf, lm_params_from_hf
-from mgjax.lm.model import MusicGenLM
+from mgjax.lm.model import MusicGenLM, split_for_decoding
 from mgjax.lm.transformer import gelu_mlp, sinusoidal_positions
 
 torch.set_num_threads(1)
@@ -153,23 +153,46 @@ def _random_lm(conditioning: str, remat: bool = False):
     return model, params, jnp.asarray(codes, jnp.int32), jnp.asarray(cond), jnp.asarray(mask)
 
 
+def _decode_all(model, params, codes, cache, layer_params=None):
+    """A 3-column prompt in one call, then one column per step -> (logits `[B, K, S, card]`, final cache)."""
+    step = jax.jit(lambda c, x: model.apply({"params": params}, x, c, layer_params, method=MusicGenLM.decode_step))
+    logits, cache = step(cache, codes[:, :, :3])
+    outs = [logits]
+    for t in range(3, codes.shape[-1]):
+        logits, cache = step(cache, codes[:, :, t:t + 1])
+        outs.append(logits)
+    return jnp.concatenate(outs, axis=2), cache
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["scanned", "split"])
 @pytest.mark.parametrize("conditioning", ["cross", "prepend"])
-def test_cached_decoding_matches_teacher_forcing(conditioning):
+def test_cached_decoding_matches_teacher_forcing(conditioning, split):
     model, params, codes, cond, mask = _random_lm(conditioning)
     full = model.apply({"params": params}, codes, cond, mask)
     seq = codes.shape[-1]
     cache = model.apply({"params": params}, cond, mask, max_length=seq, method=MusicGenLM.prefill)
-    step = jax.jit(lambda c, x: model.apply({"params": params}, x, c, method=MusicGenLM.decode_step))
-    # a 3-column prompt in one call, then one column per step
-    logits, cache = step(cache, codes[:, :, :3])
-    outs = [logits]
-    for t in range(3, seq):
-        logits, cache = step(cache, codes[:, :, t:t + 1])
-        outs.append(logits)
-    err = float(jnp.abs(jnp.concatenate(outs, axis=2) - full).max())
-    print(f"cached {conditioning}: max abs err {err:.2e}")
+    layer_params = None
+    if split:
+        layer_params, cache = split_for_decoding(params["layers"], cache)
+        assert len(layer_params) == len(cache["k"]) == model.config.num_layers
+    logits, cache = _decode_all(model, params, codes, cache, layer_params)
+    err = float(jnp.abs(logits - full).max())
+    print(f"cached {conditioning} ({'split' if split else 'scanned'}): max abs err {err:.2e}")
     assert err <= 1e-5
     assert int(cache["index"]) == seq + (0 if conditioning == "cross" else 5 + cond.shape[1])
+
+
+@pytest.mark.parametrize("conditioning", ["cross", "prepend"])
+def test_split_decoding_writes_the_same_cache(conditioning):
+    """Layers run one by one on split weights leave the KV cache the scan leaves, layer by layer."""
+    model, params, codes, cond, mask = _random_lm(conditioning)
+    cache = model.apply({"params": params}, cond, mask, max_length=codes.shape[-1], method=MusicGenLM.prefill)
+    _, scanned = _decode_all(model, params, codes, cache)
+    layer_params, split_cache = split_for_decoding(params["layers"], cache)
+    _, split = _decode_all(model, params, codes, split_cache, layer_params)
+    for name in ("k", "v"):
+        assert float(jnp.abs(jnp.stack(split[name]) - scanned[name]).max()) <= 1e-5
+        assert float(jnp.abs(scanned[name]).max()) > 0  # the decoding steps wrote the cache
 
 
 def test_null_condition_and_remat():

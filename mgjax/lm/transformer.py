@@ -149,9 +149,17 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *, h
 
 
 def write_cache(cache: Array, new: Array, layer: Array, index: Array) -> Array:
-    """Writes keys or values `[B, T, H, Dh]` into the stacked cache `[L, B, H, S, Dh]` at `[layer, :, :, index]`."""
-    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)[None]
-    return lax.dynamic_update_slice(cache, new, (layer, 0, 0, index, 0))
+    """Writes keys or values `[B, T, H, Dh]` into the stacked cache `[L, B, H, S, Dh]` at `[layer, :, :, index]`, or
+    into one layer's own cache `[B, H, S, Dh]` at `[:, :, index]`."""
+    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)
+    if cache.ndim == 4:
+        return lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+    return lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, index, 0))
+
+
+def layer_cache(cache: Array, layer: Array) -> Array:
+    """`[B, H, S, Dh]`: the layer's slice of a stacked cache `[L, B, H, S, Dh]`, or an own cache as it is."""
+    return cache if cache.ndim == 4 else lax.dynamic_index_in_dim(cache, layer, keepdims=False)
 
 
 def causal_mask(length: int) -> Array:
@@ -296,7 +304,8 @@ class DecoderLayer(nn.Module):
 
         carry = (x `[B, T, D]`, cache, layer): cache is None (teacher-forced) or the WHOLE stacked self-attention
         cache `{'k','v': [L, B, H, S, Dh]}`, updated in place at `[layer, :, :, index]` (carrying it, rather than
-        scanning over its layers, keeps XLA from copying the whole cache every decoding step); layer int32.
+        scanning over its layers, keeps XLA from copying the whole cache every decoding step), or this layer's own
+        cache `{'k','v': [B, H, S, Dh]}` (layers run one by one, `model.split_for_decoding`); layer int32.
         cond `[B, Lc, D]` projected condition states (teacher-forced cross mode) or None; cond_mask `[B, Lc]` bool or
         None; cross_kv `{'k','v': [B, Lc, H, Dh]}` precomputed (cached mode) or None; index int32: the cache
         position of x[:, 0]. Returns ((x, cache, layer + 1), None).
@@ -309,8 +318,7 @@ class DecoderLayer(nn.Module):
             attended = dot_product_attention(q, k, v, causal_mask(x.shape[1]))
         else:
             cache = {name: write_cache(cache[name], new, layer, index) for name, new in (("k", k), ("v", v))}
-            k = lax.dynamic_index_in_dim(cache["k"], layer, keepdims=False)
-            v = lax.dynamic_index_in_dim(cache["v"], layer, keepdims=False)
+            k, v = layer_cache(cache["k"], layer), layer_cache(cache["v"], layer)
             attended = dot_product_attention(q, k, v, cached_causal_mask(index, x.shape[1], k.shape[2]),
                                              heads_first=True)
         x = x + self.self_attn.output(attended)
