@@ -328,3 +328,34 @@ def test_float_project_is_the_einsum_with_its_gradients(spec, x_shape, w_shape):
     np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5)
     for got, expected in zip(ours[1], ref[1]):
         np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec, x_shape, w_shape, contracted", [
+    ("btd,dhk->bthk", (2, 5, 6), (6, 3, 4), (0,)),       # q/k/v projections
+    ("bthk,hkd->btd", (2, 5, 3, 4), (3, 4, 6), (0, 1)),  # output projection: two contracted axes
+    ("btd,kdc->btkc", (2, 1, 6), (3, 6, 7), (1,)),       # heads (codebook axis first), one decoding position
+])
+def test_int8_project_is_the_quantised_einsum(spec, x_shape, w_shape, contracted):
+    """int8 weights are stored with their contracted axes last; `project` gives what the float-layout einsum of the
+    dequantised weight and the per-row quantised x gives."""
+    from mgjax.lm.transformer import project, quantize_weight
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(x_shape).astype(np.float32), rng.standard_normal(w_shape).astype(np.float32)
+    quantized, scale = quantize_weight(w, contracted)
+    assert quantized.shape == tuple(np.delete(w_shape, contracted)) + tuple(np.take(w_shape, contracted))
+    dequantised = np.moveaxis(np.asarray(quantized, np.float32), range(-len(contracted), 0), contracted)
+    dequantised = dequantised * np.expand_dims(np.asarray(scale), contracted)
+    assert np.abs(dequantised - w).max() <= np.abs(w).max() / 127  # the float layout comes back
+    x_axes = tuple(range(len(x_shape) - len(contracted), len(x_shape)))
+    x_scale = np.abs(x).max(axis=x_axes, keepdims=True) / 127.0 + 1e-30
+    expected = np.einsum(spec, np.round(x / x_scale) * x_scale, dequantised)
+    got = np.asarray(project(spec, jnp.asarray(x), (quantized, scale), jnp.float32))
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert np.abs(got - np.einsum(spec, x, w)).max() <= 0.05 * np.abs(expected).max()  # and close to float32
+
+
+def test_int8_project_refuses_a_spec_it_cannot_flatten():
+    from mgjax.lm.transformer import project, quantize_weight
+    with pytest.raises(ValueError, match="int8 projection 'btd,kdc->bktc'"):
+        project("btd,kdc->bktc", jnp.ones((2, 1, 6)), quantize_weight(jnp.ones((3, 6, 7)), (1,)), jnp.float32)

@@ -69,6 +69,8 @@ def test_int8_weights_track_float32():
     int8_params = quantize_lm_params(lm_params)
     expected = mgjax.api.abstract_params(dataclasses.replace(mg.config, lm=int8_config))["lm"]
     assert jax.tree.structure(expected) == jax.tree.structure(int8_params)
+    assert jax.tree.leaves(jax.tree.map(lambda a, b: a.shape == b.shape, expected, int8_params)) == \
+        [True] * len(jax.tree.leaves(expected))  # stored as the model declares them (contracted axes last)
     assert int8_params["layers"]["ffn"]["fc1"].dtype == jnp.int8
     codes = jax.random.randint(jax.random.key(1), (2, 4, 16), 0, mg.config.lm.card)
     cond = jax.random.normal(jax.random.key(2), (2, 5, mg.config.text.d_model))

@@ -62,12 +62,13 @@ class CodebookHeads(nn.Module):
         """x `[B, T, D]` -> logits `[B, K, T, card]` float32."""
         c = self.config
         if c.weight_format == "int8":  # the codebook axis leads, so the generic matmul_weight layout does not apply
+            # stored as quantize_weight leaves it: the contracted axis (embed) last
             kernel = (self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                        ("codebooks", "embed", "vocab")),
-                                 (c.num_codebooks, c.dim, c.card), jnp.int8),
+                                                                        ("codebooks", "vocab", "embed")),
+                                 (c.num_codebooks, c.card, c.dim), jnp.int8),
                       param_with_axes(self, "kernel_scale", (c.num_codebooks, c.card), ("codebooks", "vocab"),
                                       nn.initializers.ones))
-            return project("btd,kdc->bktc", x, kernel, jnp.float32)
+            return project("btd,kdc->btkc", x, kernel, jnp.float32).transpose(0, 2, 1, 3)
         kernel = param_with_axes(self, "kernel", (c.num_codebooks, c.dim, c.card), ("codebooks", "embed", "vocab"))
         dtype = jnp.dtype(c.compute_dtype)
         x, kernel = x.astype(dtype), kernel.astype(dtype)

@@ -32,39 +32,49 @@ def param_with_axes(module: nn.Module, name: str, shape: tuple[int, ...], axes: 
 
 
 def matmul_weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple, contracted: int):
-    """A projection weight: float32 `shape`, or with `weight_format='int8'` the pair (int8 `shape`, float32 scale
-    over the non-contracted axes `shape[contracted:]`). `contracted`: how many leading axes the matmul sums over."""
+    """A projection weight: float32 `shape`, or with `weight_format='int8'` the pair (int8 weight with the
+    contracted axes moved last, `shape[contracted:] + shape[:contracted]`, and a float32 scale over the
+    non-contracted axes `shape[contracted:]`). `contracted`: how many leading axes of `shape` the matmul sums over.
+
+    Why int8 stores output channels first: XLA:CPU's int8 matrix-vector product runs 1.3-3.6x faster when each
+    output is a dot product over a contiguous row (e.g. 21 against 6 GB/s for musicgen-small's `fc2`)."""
     if module.config.weight_format != "int8":
         return param_with_axes(module, name, shape, axes)
-    quantized = module.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape, jnp.int8)
+    stored_shape, stored_axes = shape[contracted:] + shape[:contracted], axes[contracted:] + axes[:contracted]
+    quantized = module.param(name, nn.with_logical_partitioning(nn.initializers.zeros, stored_axes), stored_shape,
+                             jnp.int8)
     scale = param_with_axes(module, f"{name}_scale", shape[contracted:], axes[contracted:], nn.initializers.ones)
     return quantized, scale
 
 
 def project(spec: str, x: Array, weight, dtype) -> Array:
-    """`jnp.einsum(spec, x, weight)` for a float weight; for an (int8, scale) weight, int8 x int8 -> int32 with x
-    quantised per row (symmetric, over its contracted axes) and both scales applied to the int32 result.
+    """`jnp.einsum(spec, x, weight)` for a float weight; for an (int8, scale) weight (stored with the contracted
+    axes last, see `matmul_weight`; `spec` names the float layout), int8 x int8 -> int32 with x quantised per row
+    (symmetric, over its contracted axes) and both scales applied to the int32 result.
 
-    The weight's non-contracted axes must appear in the output in the same order; x's batch axes are those of the
-    output that are not weight axes. Weight-only int8 halves/quarters the bytes read per decoding step, which is
-    what bounds sampling speed on a CPU.
+    For int8 the spec must be a matmul over flattened axes, as `float_project`'s fast path: x's contracted axes
+    trailing, output = x's batch axes + the weight's other axes. Weight-only int8 quarters the bytes read per
+    decoding step, which is what bounds sampling speed on a CPU.
     """
     if not isinstance(weight, tuple):
         return float_project(spec, x.astype(dtype), weight.astype(dtype))
     quantized, w_scale = weight
     inputs, out = spec.split("->")
     x_letters, w_letters = inputs.split(",")
-    contracted = [i for i, letter in enumerate(x_letters) if letter not in out]
-    x32 = x.astype(jnp.float32)
-    x_scale = jnp.max(jnp.abs(x32), axis=contracted, keepdims=True) / 127.0 + 1e-30
-    x_q = jnp.round(x32 / x_scale).astype(jnp.int8)
-    acc = jnp.einsum(spec, x_q, quantized, preferred_element_type=jnp.int32).astype(jnp.float32)
-    kept_x = "".join(letter for letter in x_letters if letter in out)
-    x_scale = jnp.squeeze(x_scale, axis=contracted)
-    x_scale = jnp.expand_dims(x_scale, [i for i, letter in enumerate(out) if letter not in kept_x])
-    kept_w = "".join(letter for letter in w_letters if letter in out)
-    w_scale = jnp.expand_dims(w_scale, [i for i, letter in enumerate(out) if letter not in kept_w])
-    return (acc * x_scale * w_scale).astype(dtype)
+    contracted = "".join(letter for letter in x_letters if letter not in out)
+    batch, kept = x_letters[:len(x_letters) - len(contracted)], "".join(l for l in w_letters if l in out)
+    if not (contracted and x_letters.endswith(contracted) and out == batch + kept):
+        raise ValueError(f"int8 projection {spec!r}: x's contracted axes must trail and the output be x's batch axes "
+                         "followed by the weight's other axes")
+    kept_shape = quantized.shape[:len(kept)]
+    rows = x.astype(jnp.float32).reshape(-1, math.prod(x.shape[len(batch):]))  # [N, C]
+    row_scale = jnp.max(jnp.abs(rows), axis=1, keepdims=True) / 127.0 + 1e-30
+    rows_q = jnp.round(rows / row_scale).astype(jnp.int8)
+    # [N, C] x [O, C] -> [N, O]: each output a dot product over a contiguous weight row (see matmul_weight)
+    acc = lax.dot_general(rows_q, quantized.reshape(math.prod(kept_shape), -1), (((1,), (1,)), ((), ())),
+                          preferred_element_type=jnp.int32)
+    y = acc.astype(jnp.float32) * row_scale * w_scale.reshape(1, -1)
+    return y.reshape(x.shape[:len(batch)] + kept_shape).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -108,12 +118,14 @@ def float_project(spec: str, x: Array, weight: Array) -> Array:
 
 
 def quantize_weight(weight: Array, contracted_axes: tuple[int, ...]) -> tuple[Array, Array]:
-    """float `[...]` -> (int8 `[...]`, float32 scale without `contracted_axes`): symmetric per output channel."""
+    """float `[...]` -> (int8 with `contracted_axes` moved last, as `matmul_weight` stores it; float32 scale
+    without `contracted_axes`): symmetric per output channel."""
     weight = jnp.asarray(weight, jnp.float32)
     scale = jnp.max(jnp.abs(weight), axis=contracted_axes, keepdims=True) / 127.0
     scale = jnp.where(scale > 0, scale, 1.0)
     quantized = jnp.clip(jnp.round(weight / scale), -127, 127).astype(jnp.int8)
-    return quantized, jnp.squeeze(scale, axis=contracted_axes)
+    last = tuple(range(-len(contracted_axes), 0))
+    return jnp.moveaxis(quantized, contracted_axes, last), jnp.squeeze(scale, axis=contracted_axes)
 
 
 def sinusoidal_positions(positions: Array, dim: int) -> Array:
