@@ -4,9 +4,9 @@ Rows: the musicgen-small decoder (d=1024, 24 layers, 16 heads, 4 x 2048) at batc
 (d=256, 6 layers) where per-step overhead rather than memory bandwidth decides; with CFG, 500 frames (10 s) by
 default (100 for the batch-8 row, which is 16 sequences with CFG). Each engine runs in its own subprocess (so peak
 RSS is its own): transformers (float32), mgjax float32, mgjax int8 (weight-only storage, int8 x int8 -> int32
-matmuls with per-row activation scales). Compile time is reported apart. `bw %` is the parameter bytes read per
-step / step time, against a measured memory copy bandwidth. The last line is the ratio mgjax (best format) /
-transformers at the musicgen-small shape, batch 1.
+matmuls with per-row activation scales). Compile time is reported apart. `wt GB/s` is the LM weight bytes a decoding
+step reads (float32 for transformers) x steps/s, beside a one-thread numpy copy's bandwidth. The last line is the
+ratio mgjax (best format) / transformers at the musicgen-small shape, batch 1.
 
 Usage: python bench/bench_sampling.py [--frames N (all rows)] [--rows small,tiny,small-b8] [--threads N]
 """
@@ -195,10 +195,10 @@ def main() -> None:
         return child(args)
 
     bandwidth = spawn("bandwidth", "", "", 1, 0, args.threads, "small")["gbps"]
-    print(f"+3 delay steps per row, CFG 3, top-k 250, threads {args.threads}; "
-          f"copy bandwidth {bandwidth:.1f} GB/s (read + write)")
+    print(f"+3 delay steps per row, CFG 3, top-k 250, threads {args.threads}; one-thread numpy copy "
+          f"{bandwidth:.1f} GB/s (read + write); wt GB/s: LM weight bytes a decoding step reads x steps/s")
     print(f"{'row':9} {'frames':>6} {'engine':12} {'steps/s':>8} {'x torch':>8} {'compile s':>9} {'peak GB':>8} "
-          f"{'bw %':>6}  quality")
+          f"{'wt GB/s':>7}  quality")
     headline = None
     with tempfile.TemporaryDirectory() as tmp:
         for row in args.rows.split(","):
@@ -211,17 +211,16 @@ def main() -> None:
             results = {engine: spawn(engine, source, checkpoint, batch, frames, args.threads, row)
                        for engine in ("torch", "mgjax-float32", "mgjax-int8")}
             torch_rate = steps / results["torch"]["seconds"]
+            float_bytes = results["mgjax-float32"]["weight_bytes"]  # what transformers reads per step too
             for engine, result in results.items():
                 rate = steps / result["seconds"]
-                bw = ""
-                if "weight_bytes" in result:
-                    bw = f"{100 * result['weight_bytes'] * rate / 1e9 / (bandwidth / 2):.0f}"
+                weights_gbps = f"{result.get('weight_bytes', float_bytes) * rate / 1e9:.1f}"
                 quality = ""
                 if "int8_rel_err" in result:
                     quality = (f"logit err {result['int8_rel_err']:.3f} std, argmax agrees "
                                f"{100 * result['int8_argmax_agree']:.1f}%")
                 print(f"{row:9} {frames:6d} {engine:12} {rate:8.2f} {rate / torch_rate:8.2f} {result['compile']:9.1f} "
-                      f"{result['peak_rss_gb']:8.2f} {bw:>6}  {quality}", flush=True)
+                      f"{result['peak_rss_gb']:8.2f} {weights_gbps:>7}  {quality}", flush=True)
             if row == "small":
                 best = max(steps / results[e]["seconds"] for e in ("mgjax-float32", "mgjax-int8"))
                 headline = best / torch_rate
