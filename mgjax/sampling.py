@@ -148,8 +148,16 @@ def layer_weight_bytes(lm_params) -> int:
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(lm_params["layers"]))
 
 
-def free_host_bytes() -> Optional[int]:
-    """Physical memory the OS reports free, or None where it cannot tell."""
+def free_host_bytes(meminfo: str = "/proc/meminfo") -> Optional[int]:
+    """Memory a new allocation can get: Linux's MemAvailable (free + reclaimable page cache, which a machine that
+    has just read a checkpoint holds plenty of), else the free physical pages, else None where the OS cannot tell."""
+    try:
+        with open(meminfo) as lines:
+            for line in lines:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):

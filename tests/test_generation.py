@@ -138,6 +138,14 @@ def test_split_layer_decoding_gives_the_same_tokens(pair, monkeypatch):
     assert not sampling.split_layers_by_default(mg.params["lm"])
 
 
+def test_free_host_bytes_reads_available_memory(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
+    assert sampling.free_host_bytes(str(meminfo)) == 20000000 * 1024  # page cache counts: it is reclaimable
+    free = sampling.free_host_bytes(str(tmp_path / "absent"))  # no /proc: the OS's free pages, or None
+    assert free is None or free > 0
+
+
 def test_progress_callback_reports_steps(pair):
     _, _, mg = pair
     seen = []
