@@ -62,7 +62,8 @@ def project(spec: str, x: Array, weight, dtype) -> Array:
     inputs, out = spec.split("->")
     x_letters, w_letters = inputs.split(",")
     contracted = "".join(letter for letter in x_letters if letter not in out)
-    batch, kept = x_letters[:len(x_letters) - len(contracted)], "".join(l for l in w_letters if l in out)
+    batch = x_letters[:len(x_letters) - len(contracted)]
+    kept = "".join(letter for letter in w_letters if letter in out)
     if not (contracted and x_letters.endswith(contracted) and out == batch + kept):
         raise ValueError(f"int8 projection {spec!r}: x's contracted axes must trail and the output be x's batch axes "
                          "followed by the weight's other axes")
