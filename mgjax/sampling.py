@@ -167,12 +167,12 @@ def free_host_bytes(meminfo: str = "/proc/meminfo") -> Optional[int]:
 def split_layers_by_default(lm_params) -> bool:
     """Whether decoding runs the layers one by one on split weights (`model.split_for_decoding`): on a CPU, where
     XLA otherwise copies every layer's weights out of the stack every step (musicgen-small float32: 1.6x the steps/s),
-    unless the split's one extra copy of the layer weights would not fit in free memory. Elsewhere the scan over
-    the stacked weights is kept (no extra copy in accelerator memory)."""
+    unless the split's one extra copy of the layer weights, with a quarter more for headroom, would not fit in
+    available memory. Elsewhere the scan over the stacked weights is kept (no extra copy in accelerator memory)."""
     if jax.default_backend() != "cpu":
         return False
     free = free_host_bytes()
-    return free is None or layer_weight_bytes(lm_params) < free
+    return free is None or 1.25 * layer_weight_bytes(lm_params) < free
 
 
 def generate_codes(lm_params, cond: Array, cond_mask: Array, key: Array, prompt_codes: Array, *,
