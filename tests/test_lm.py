@@ -182,6 +182,17 @@ def test_cached_decoding_matches_teacher_forcing(conditioning, split):
     assert int(cache["index"]) == seq + (0 if conditioning == "cross" else 5 + cond.shape[1])
 
 
+def test_split_decoding_in_bfloat16_is_within_its_rounding():
+    model, params, codes, cond, mask = _random_lm("cross")
+    bf16 = MusicGenLM(model.config.__class__(**{**model.config.__dict__, "compute_dtype": "bfloat16"}))
+    cache = bf16.apply({"params": params}, cond, mask, max_length=codes.shape[-1], method=MusicGenLM.prefill)
+    scanned, _ = _decode_all(bf16, params, codes, cache)
+    layer_params, split_cache = split_for_decoding(params["layers"], cache)
+    split, _ = _decode_all(bf16, params, codes, split_cache, layer_params)
+    assert split.dtype == scanned.dtype == jnp.float32
+    assert float(jnp.abs(split - scanned).max()) <= 2 ** -6 * float(jnp.abs(scanned).max())
+
+
 @pytest.mark.parametrize("conditioning", ["cross", "prepend"])
 def test_split_decoding_writes_the_same_cache(conditioning):
     """Layers run one by one on split weights leave the KV cache the scan leaves, layer by layer."""

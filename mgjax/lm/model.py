@@ -252,7 +252,9 @@ def split_for_decoding(stacked_layers: dict, cache: dict[str, Array]) -> tuple[t
     stacked params makes XLA:CPU copy each layer's weights (and its cache) out of the stack before using them,
     every step: half of a musicgen-small step. Split once before the decoding loop, every layer's weights and cache
     are buffers of their own, read (and the cache updated) in place. Costs one copy of the layer weights while
-    generating; weights a decoding step never reads (the cross-attention key/value projections) XLA drops."""
+    generating; weights a decoding step never reads (the cross-attention key/value projections) XLA drops. Same
+    logits as the scan in float32; in bfloat16 within its rounding (XLA's default excess precision keeps different
+    intermediates in float32 once the layers are unrolled; with `--xla_allow_excess_precision=false` they agree)."""
     num_layers = cache["k"].shape[0]
     layer_params = tuple(jax.tree.map(lambda leaf: leaf[i], stacked_layers) for i in range(num_layers))
     per_layer = {name: tuple(cache[name][i] for i in range(num_layers))
