@@ -144,7 +144,8 @@ def _with_null_chroma(chroma: Optional[Array]) -> Optional[Array]:
 
 
 def layer_weight_bytes(lm_params) -> int:
-    """Bytes of the stacked decoder-layer params (what `split_for_decoding` copies)."""
+    """Bytes of the stacked decoder-layer params: a bound on what `split_for_decoding` copies (XLA drops the
+    cross-attention key/value projections, which decoding never reads)."""
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(lm_params["layers"]))
 
 
