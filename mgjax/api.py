@@ -15,7 +15,7 @@ from mgjax import checkpoint
 from mgjax.codec.encodec import Codec, EncodecModel
 from mgjax.config import ConfigError, MusicGenConfig, T5Config, from_dict
 from mgjax.lm.model import MusicGenLM, quantize_lm_params
-from mgjax.sampling import SamplingConfig, generate_codes, progress_callback
+from mgjax.sampling import SamplingConfig, generate_codes, progress_callback, split_layers_by_default
 from mgjax.runtime import jit_once
 from mgjax.text.t5 import T5Encoder
 
@@ -223,6 +223,8 @@ class MusicGen:
         """
         window, stride = self.window_frames()
         window = min(window, frames)
+        # Decided once: a flip between windows (available memory changing) would recompile the window program.
+        split_layers = split_layers_by_default(self.params["lm"])
         pieces, windows = [prompt_codes], []
         prompt = prompt_codes
         for start, _ in window_plan(frames, window, stride, prompt_codes.shape[-1]):
@@ -231,7 +233,7 @@ class MusicGen:
                 chroma = self._window_chroma(melody, melody_sample_rate, cond.shape[0], start / self.frame_rate)
             codes = generate_codes(self.params["lm"], cond, jnp.asarray(mask), jax.random.fold_in(key, start),
                                    prompt, lm_config=self.config.lm, frames=window, sampling=sampling,
-                                   chroma=chroma, progress_every=progress_every)
+                                   chroma=chroma, progress_every=progress_every, split_layers=split_layers)
             codes = np.asarray(jax.block_until_ready(codes))
             windows.append(codes)
             pieces.append(codes[:, :, prompt.shape[-1]:])

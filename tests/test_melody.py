@@ -98,6 +98,21 @@ def test_long_generation_goes_window_by_window(conditioning):
         assert not np.array_equal(first, second)
 
 
+def test_memory_changing_between_windows_does_not_recompile(monkeypatch):
+    """Whether decoding splits the layers (`split_layers_by_default` reads available memory) is decided once per
+    long generation: available memory swinging between windows must not compile a program per window."""
+    mg = long_form_model("cross")
+    swings = iter([0, 10**15] * 8)
+    monkeypatch.setattr(sampling, "free_host_bytes", lambda: next(swings))
+    ids, mask = np.array([[4, 8, 15, 16]], np.int32), np.ones((1, 4), np.int32)
+    cond = mg.encode_text(ids, mask)
+    frames = int(5.0 * mg.frame_rate)
+    before = sampling._generate_codes._cache_size()
+    _, windows = mg.generate_windows(cond, mask, np.zeros((1, 4, 0), np.int32), frames,
+                                     sampling.SamplingConfig(top_k=10), jax_key(5))
+    assert len(windows) == 4 and sampling._generate_codes._cache_size() - before <= 2
+
+
 def test_seventy_seconds_is_exactly_seventy_seconds():
     mg = long_form_model("cross")
     out = mg.generate(input_ids=np.array([[4, 8, 15]], np.int32), duration=70.0, top_k=10, seed=3)
