@@ -108,6 +108,17 @@ class MusicGen:
         return MusicGen(dataclasses.replace(self.config, lm=lm_config),
                         dict(self.params, lm=quantize_lm_params(self.params["lm"])), self.tokenizer)
 
+    def with_compute_dtype(self, dtype: str) -> "MusicGen":
+        """A copy whose LM computes in `dtype` ('float32', 'bfloat16' or 'float16'; `lm.compute_dtype`), params
+        kept as stored and cast per use. The half-precision dtypes are for GPUs and TPUs (half the activation and
+        KV-cache bytes); float32 is the exact-parity path and, on a CPU, the faster one."""
+        try:
+            lm_config = dataclasses.replace(self.config.lm, compute_dtype=str(dtype))
+            lm_config.validate()
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return MusicGen(dataclasses.replace(self.config, lm=lm_config), self.params, self.tokenizer)
+
     @classmethod
     def load(cls, directory: str, mesh: Optional[jax.sharding.Mesh] = None) -> "MusicGen":
         """Loads a converted checkpoint (`python -m mgjax.convert`); refuses one whose params do not match its

@@ -68,12 +68,34 @@ def test_sample_continues_an_audio_prompt(converted, tmp_path):  # with int8 LM 
     (["--temperature", "0"], "--temperature"),
     (["--continue", "/nonexistent.wav"], "does not exist"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--prompts-file", "/nonexistent.txt"], "--prompts-file: /nonexistent.txt does not exist"),
 ])
 def test_sample_rejects_bad_arguments(converted, args, message):
     result = run("sample.py", "--checkpoint", str(converted), "--prompt", "calm piano", *args, check=False)
     assert result.returncode != 0
     lines = [line for line in result.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+
+
+def test_sample_reads_prompts_from_a_file_and_computes_in_bfloat16(converted, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("calm piano\n\n  happy rock with drums  \n", encoding="utf-8")
+    out = tmp_path / "wavs"
+    result = run("sample.py", "--checkpoint", str(converted), "--prompt", "lofi beat", "--prompts-file", str(prompts),
+                 "--duration", "0.3", "--out", str(out), "--dtype", "bfloat16", "--no-progress")
+    names = sorted(p.name for p in out.glob("*.wav"))
+    assert names == ["00-lofi-beat.wav", "01-calm-piano.wav", "02-happy-rock-with-drums.wav"], result.stdout
+    for name in names:
+        data, rate = soundfile.read(out / name)
+        assert rate == 32000 and np.isfinite(data).all() and abs(len(data) - 0.3 * 32000) <= 32000 / 50
+
+
+def test_sample_refuses_an_empty_prompts_file_and_no_prompt(converted, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    for args, message in ((["--prompts-file", str(empty)], "holds no prompt"), ([], "no prompt: give --prompt")):
+        result = run("sample.py", "--checkpoint", str(converted), *args, check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_sample_refuses_a_missing_or_foreign_checkpoint(tmp_path):

@@ -138,6 +138,22 @@ def test_split_layer_decoding_gives_the_same_tokens(pair, monkeypatch):
     assert not sampling.split_layers_by_default(mg.params["lm"])
 
 
+def test_with_compute_dtype_samples_in_that_dtype(pair):
+    """`with_compute_dtype` changes only the LM's compute dtype (params shared, cast per use): bfloat16 compiles its
+    own sampling program and its greedy tokens stay valid codes; an unknown dtype is refused by name."""
+    _, _, mg = pair
+    bf16 = mg.with_compute_dtype("bfloat16")
+    assert bf16.config.lm.compute_dtype == "bfloat16" and mg.config.lm.compute_dtype == "float32"
+    assert bf16.params is mg.params and bf16.config.codec == mg.config.codec
+    before = sampling._generate_codes._cache_size()
+    out = bf16.generate(PROMPTS, duration=8 / mg.frame_rate, greedy=True)
+    assert sampling._generate_codes._cache_size() == before + 1
+    assert out.codes.shape == (2, mg.config.lm.num_codebooks, 8)
+    assert out.codes.min() >= 0 and out.codes.max() < mg.config.lm.card and np.isfinite(out.wav).all()
+    with pytest.raises(ValueError, match="lm.compute_dtype must be float32, bfloat16 or float16, got 'int4'"):
+        mg.with_compute_dtype("int4")
+
+
 def test_free_host_bytes_reads_available_memory(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
