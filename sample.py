@@ -13,6 +13,9 @@ import re
 import sys
 import time
 
+# Constants only: mgjax.audio imports numpy and nothing heavy, so --help stays fast.
+from mgjax.audio import LOUDNESS_TARGET_LUFS, NORMALIZE_STRATEGIES  # noqa: E402
+
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mgjax", "assets", "demo")
 NO_CHECKPOINT_HELP = (
     "no checkpoint to sample from: {path} does not exist.\n"
@@ -35,6 +38,12 @@ def parse_args(argv):
                                                            f"demo model, {os.path.relpath(DEFAULT_CHECKPOINT)})")
     parser.add_argument("--out", default="out", help="output directory, or a .wav path when there is one prompt")
     parser.add_argument("--format", choices=("pcm16", "float"), default="pcm16", help="wav sample format")
+    parser.add_argument("--normalize", choices=NORMALIZE_STRATEGIES, default="loudness",
+                        help="output level, as audiocraft's audio_write: loudness (default: --loudness LUFS with a tanh "
+                             "soft clip, as MusicGen's samples are written), peak (-1 dBFS), rms (-18 dBFS), clip, or "
+                             "none (the model's output as is)")
+    parser.add_argument("--loudness", type=float, default=LOUDNESS_TARGET_LUFS,
+                        help=f"target loudness in LUFS for --normalize loudness (default {LOUDNESS_TARGET_LUFS:g})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top-k", type=int, default=250)
     parser.add_argument("--top-p", type=float, default=0.0)
@@ -84,6 +93,8 @@ def validate(args) -> None:
         raise CliError(f"--temperature must be > 0, got {args.temperature} (use --greedy for argmax)")
     if not 0 <= args.top_p <= 1:
         raise CliError(f"--top-p must lie in [0, 1], got {args.top_p}")
+    if not -70 < args.loudness < 0:
+        raise CliError(f"--loudness must lie in (-70, 0) LUFS, got {args.loudness}")
     if args.cfg < 0:
         raise CliError(f"--cfg must be >= 0, got {args.cfg}")
     for flag, path in (("--continue", args.continue_wav), ("--melody", args.melody)):
@@ -148,7 +159,7 @@ def run(args) -> int:
     import numpy as np
 
     import mgjax
-    from mgjax.audio import load_audio, write_wav
+    from mgjax.audio import load_audio, normalize_audio, write_wav
 
     mg = mgjax.MusicGen.load(checkpoint_dir)
     if args.int8:
@@ -179,6 +190,7 @@ def run(args) -> int:
                           seed=args.seed + first, progress=bar, progress_every=10)
         bar.close()
         for wav, path in zip(out.wav, paths[first: first + len(prompts)]):
+            wav = normalize_audio(wav, mg.sample_rate, args.normalize, loudness_target=args.loudness)
             written.append(write_wav(path, wav, mg.sample_rate, args.format))
             audio_seconds += wav.shape[-1] / mg.sample_rate
     elapsed = time.perf_counter() - start

@@ -57,9 +57,11 @@ def test_sample_continues_an_audio_prompt(converted, tmp_path):  # with int8 LM 
     soundfile.write(prompt, np.stack([np.sin(2 * np.pi * 220 * t)] * 2, axis=1) * 0.5, 44100)  # stereo, 44.1 kHz
     out = tmp_path / "cont.wav"
     run("sample.py", "--checkpoint", str(converted), "--prompt", "calm piano", "--duration", "0.4",
-        "--continue", str(prompt), "--out", str(out), "--format", "float", "--no-progress", "--int8")
+        "--continue", str(prompt), "--out", str(out), "--format", "float", "--no-progress", "--int8",
+        "--normalize", "peak")
     data, rate = soundfile.read(out)
     assert rate == 32000 and abs(len(data) - 0.4 * 32000) <= 32000 / 50
+    np.testing.assert_allclose(np.abs(data).max(), 10 ** (-1 / 20), rtol=1e-5)  # peak at -1 dBFS
 
 
 @pytest.mark.parametrize("args, message", [
@@ -68,6 +70,7 @@ def test_sample_continues_an_audio_prompt(converted, tmp_path):  # with int8 LM 
     (["--temperature", "0"], "--temperature"),
     (["--continue", "/nonexistent.wav"], "does not exist"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--loudness", "3"], "--loudness must lie in (-70, 0) LUFS"),
     (["--prompts-file", "/nonexistent.txt"], "--prompts-file: /nonexistent.txt does not exist"),
 ])
 def test_sample_rejects_bad_arguments(converted, args, message):

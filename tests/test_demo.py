@@ -12,6 +12,7 @@ import pytest
 import soundfile
 
 from mgjax import checkpoint, sharding, synth
+from mgjax.audio import loudness_lufs
 from mgjax.api import MusicGen
 from mgjax.codec.encodec import Codec
 from mgjax.config import ConfigError, load_config, to_dict
@@ -177,6 +178,8 @@ def test_sample_cli_plays_the_demo_model_by_default(tmp_path):
     assert result.returncode == 0, result.stderr
     wav, rate = soundfile.read(str(out))
     assert rate == 32000 and len(wav) == 64000 and np.abs(wav).max() > 0
+    # written as audiocraft writes MusicGen's samples: -14 LUFS, then a tanh soft clip that only lowers it
+    assert -16.0 < loudness_lufs(wav[None], rate) <= -13.99
 
 
 def test_adherence_eval_runs_on_the_shipped_model(tmp_path, capsys):
