@@ -56,6 +56,8 @@ def parse_args(argv):
                         help="audio prompt to continue (resampled and mixed down as needed)")
     parser.add_argument("--melody", default=None,
                         help="melody audio to follow (MusicGen-melody checkpoints; used as given, no stem separation)")
+    parser.add_argument("--unconditional", type=int, default=0, metavar="N",
+                        help="generate N clips with no description (the null condition) instead of prompts")
     parser.add_argument("--batch-size", type=int, default=4, help="prompts generated together")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="LM compute dtype (default: the checkpoint's, float32 when converted; float32 is the "
@@ -81,11 +83,18 @@ def validate(args) -> None:
         if not from_file:
             raise CliError(f"--prompts-file: {args.prompts_file} holds no prompt (one description per line)")
         args.prompt = args.prompt + from_file
+    if args.unconditional < 0:
+        raise CliError(f"--unconditional must be >= 1 clips, got {args.unconditional}")
+    if args.unconditional and (args.prompt or args.melody):
+        raise CliError("--unconditional generates without a description or melody: drop --prompt, --prompts-file "
+                       "and --melody, or drop --unconditional")
+    if args.unconditional:
+        args.prompt = [None] * args.unconditional
     if not args.prompt:
-        raise CliError("no prompt: give --prompt \"...\" (repeatable) or --prompts-file FILE")
+        raise CliError("no prompt: give --prompt \"...\" (repeatable), --prompts-file FILE or --unconditional N")
     if not args.duration > 0:
         raise CliError(f"--duration must be > 0 seconds, got {args.duration}")
-    if any(not p.strip() for p in args.prompt):
+    if any(p is not None and not p.strip() for p in args.prompt):
         raise CliError("--prompt must not be empty")
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -104,12 +113,14 @@ def validate(args) -> None:
         raise CliError("--out names one .wav file but there are several prompts; give a directory")
 
 
-def output_paths(out: str, prompts: list[str]) -> list[str]:
+def output_paths(out: str, prompts: list[str | None]) -> list[str]:
+    """One wav path per prompt (None: an unconditional clip) under `out`, or `out` itself when it names a .wav."""
     if out.endswith(".wav"):
         return [out]
     names = []
     for i, prompt in enumerate(prompts):
-        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "prompt"
+        slug = "unconditional" if prompt is None else re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48]
+        slug = slug or "prompt"
         names.append(os.path.join(out, f"{i:02d}-{slug}.wav"))
     return names
 
@@ -184,10 +195,13 @@ def run(args) -> int:
         batch_prompt_audio = None if prompt_audio is None else np.repeat(prompt_audio[None], len(prompts), axis=0)
         batch_melody = None if melody is None else np.repeat(melody[None], len(prompts), axis=0)
         bar = ProgressBar(f"prompts {first + 1}-{first + len(prompts)}", not args.no_progress)
-        out = mg.generate(prompts, duration=args.duration, prompt_audio=batch_prompt_audio, melody=batch_melody,
-                          top_k=args.top_k,
-                          top_p=args.top_p, temperature=args.temperature, cfg_coef=args.cfg, greedy=args.greedy,
-                          seed=args.seed + first, progress=bar, progress_every=10)
+        common = dict(duration=args.duration, prompt_audio=batch_prompt_audio, top_k=args.top_k, top_p=args.top_p,
+                      temperature=args.temperature, greedy=args.greedy, seed=args.seed + first, progress=bar,
+                      progress_every=10)
+        if args.unconditional:
+            out = mg.generate_unconditional(len(prompts), **common)
+        else:
+            out = mg.generate(prompts, melody=batch_melody, cfg_coef=args.cfg, **common)
         bar.close()
         for wav, path in zip(out.wav, paths[first: first + len(prompts)]):
             wav = normalize_audio(wav, mg.sample_rate, args.normalize, loudness_target=args.loudness)

@@ -204,12 +204,37 @@ class MusicGen:
         `progress(step, total)` is called every `progress_every` decoding steps from inside the compiled loop.
         """
         ids, mask = self.tokenize(prompts, input_ids, attention_mask)
-        frames = self.frames_for(duration)
         sampling = SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature, cfg_coef=cfg_coef,
                                   greedy=greedy).validate()
         melody = self._check_melody(melody, ids.shape[0])
-        prompt_codes = self._prompt_codes(prompt_audio, ids.shape[0], frames)
-        cond = self.encode_text(ids, mask)
+        return self._generate_from_text_states(self.encode_text(ids, mask), mask, duration, sampling, seed,
+                                               melody=melody, melody_sample_rate=melody_sample_rate,
+                                               prompt_audio=prompt_audio, progress=progress,
+                                               progress_every=progress_every)
+
+    def generate_unconditional(self, num_samples: int = 1, duration: float = 10.0, *, prompt_audio=None,
+                               top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0, greedy: bool = False,
+                               seed: int = 0, progress: Optional[Callable[[int, int], None]] = None,
+                               progress_every: int = 0) -> GenerationOutput:
+        """`num_samples` clips of `duration` seconds with no description: the null condition (T5 states zero, mask
+        zero; the null melody for melody models), as transformers' `get_unconditional_inputs` and audiocraft's
+        `generate_unconditional` build it. Both halves of classifier-free guidance would see that same condition,
+        so it is skipped (same tokens, half the work). `prompt_audio` `[num_samples, C, N]`: continue it."""
+        if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        sampling = SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature, cfg_coef=1.0,
+                                  greedy=greedy).validate()
+        states = jnp.zeros((num_samples, 1, self.config.text.d_model), jnp.float32)
+        mask = np.zeros((num_samples, 1), np.int32)
+        return self._generate_from_text_states(states, mask, duration, sampling, seed, prompt_audio=prompt_audio,
+                                               progress=progress, progress_every=progress_every)
+
+    def _generate_from_text_states(self, cond, mask, duration: float, sampling: SamplingConfig, seed: int, *,
+                                   melody=None, melody_sample_rate: Optional[int] = None, prompt_audio=None,
+                                   progress=None, progress_every: int = 0) -> GenerationOutput:
+        """`generate` from T5 states `[B, L, D]` and their mask `[B, L]` on."""
+        frames = self.frames_for(duration)
+        prompt_codes = self._prompt_codes(prompt_audio, cond.shape[0], frames)
         every = progress_every if progress is not None else 0
         with progress_callback(progress):
             codes, _ = self.generate_windows(cond, mask, prompt_codes, frames, sampling, jax.random.key(seed),

@@ -59,6 +59,12 @@ def musicgen(decoder: dict, seed: int = 0, text: dict | None = None) -> transfor
 
 def reference_generate(model, input_ids, attention_mask, frames: int, **kwargs):
     """transformers `generate` for `frames` frames -> (audio [B, C, N] numpy, codes [B, K, T] numpy)."""
+    return reference_generate_from(model, dict(input_ids=torch.as_tensor(input_ids),
+                                               attention_mask=torch.as_tensor(attention_mask)), frames, **kwargs)
+
+
+def reference_generate_from(model, inputs: dict, frames: int, **kwargs):
+    """transformers `generate(**inputs)` for `frames` frames -> (audio [B, C, N] numpy, codes [B, K, T] numpy)."""
     captured = {}
     decode = model.audio_encoder.decode
 
@@ -69,8 +75,7 @@ def reference_generate(model, input_ids, attention_mask, frames: int, **kwargs):
     model.audio_encoder.decode = capture
     try:
         with torch.no_grad():
-            audio = model.generate(input_ids=torch.as_tensor(input_ids), attention_mask=torch.as_tensor(attention_mask),
-                                   max_new_tokens=frames + model.decoder.num_codebooks - 1, **kwargs)
+            audio = model.generate(**inputs, max_new_tokens=frames + model.decoder.num_codebooks - 1, **kwargs)
     finally:
         model.audio_encoder.decode = decode
     return audio.numpy(), captured["codes"]

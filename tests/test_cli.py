@@ -93,10 +93,21 @@ def test_sample_reads_prompts_from_a_file_and_computes_in_bfloat16(converted, tm
         assert rate == 32000 and np.isfinite(data).all() and abs(len(data) - 0.3 * 32000) <= 32000 / 50
 
 
+def test_sample_unconditional_clips(converted, tmp_path):
+    out = tmp_path / "free"
+    result = run("sample.py", "--checkpoint", str(converted), "--unconditional", "3", "--batch-size", "2",
+                 "--duration", "0.3", "--out", str(out), "--no-progress")
+    names = sorted(p.name for p in out.glob("*.wav"))
+    assert names == [f"{i:02d}-unconditional.wav" for i in range(3)], result.stdout
+    clips = [soundfile.read(out / name)[0] for name in names]
+    assert all(len(clip) == len(clips[0]) for clip in clips) and not np.array_equal(clips[0], clips[1])
+
+
 def test_sample_refuses_an_empty_prompts_file_and_no_prompt(converted, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")
-    for args, message in ((["--prompts-file", str(empty)], "holds no prompt"), ([], "no prompt: give --prompt")):
+    for args, message in ((["--prompts-file", str(empty)], "holds no prompt"), ([], "no prompt: give --prompt"),
+                          (["--unconditional", "2", "--prompt", "x"], "--unconditional generates without")):
         result = run("sample.py", "--checkpoint", str(converted), *args, check=False)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 

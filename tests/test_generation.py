@@ -11,7 +11,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import mgjax  # noqa: E402
 from mgjax import sampling  # noqa: E402
-from oracle import musicgen, reference_generate  # noqa: E402
+from oracle import musicgen, reference_generate, reference_generate_from  # noqa: E402
 from helpers_tokenizer import build_test_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
@@ -51,6 +51,26 @@ def test_greedy_cfg_matches_transformers(pair, frames):
     np.testing.assert_array_equal(out.codes, ref_codes)
     assert out.wav.shape == ref_audio.shape
     assert np.abs(out.wav - ref_audio).max() <= 1e-3
+
+
+def test_unconditional_matches_transformers(pair):
+    """`generate_unconditional` against transformers `generate(**get_unconditional_inputs(2))` (greedy, token
+    exact); guidance over two copies of the null condition (what audiocraft runs) picks the same tokens."""
+    model, _, mg = pair
+    frames = 17
+    ref_audio, ref_codes = reference_generate_from(model, dict(model.get_unconditional_inputs(num_samples=2)), frames,
+                                                   do_sample=False)
+    out = mg.generate_unconditional(2, duration=frames / mg.frame_rate, greedy=True)
+    np.testing.assert_array_equal(out.codes, ref_codes)
+    assert out.wav.shape == ref_audio.shape and np.abs(out.wav - ref_audio).max() <= 1e-3
+    null_states = jnp.zeros((2, 1, mg.config.text.d_model), jnp.float32)
+    guided = sampling.generate_codes(mg.params["lm"], null_states, jnp.zeros((2, 1), jnp.int32), jax.random.key(0),
+                                     jnp.zeros((2, mg.config.lm.num_codebooks, 0), jnp.int32),
+                                     lm_config=mg.config.lm, frames=frames,
+                                     sampling=sampling.SamplingConfig(greedy=True, cfg_coef=3.0))
+    np.testing.assert_array_equal(guided, out.codes)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+        mg.generate_unconditional(0, duration=0.1)
 
 
 def test_short_generations(pair):

@@ -59,6 +59,18 @@ def test_greedy_melody_generation_matches_transformers(pair, with_melody):
     assert np.abs(out.wav - ref_audio).max() <= 1e-3
 
 
+def test_unconditional_melody_model_matches_transformers(pair):
+    """A melody model's `generate_unconditional` (null text, null melody) against transformers given text whose
+    mask is all zero and no melody (it has no `get_unconditional_inputs`), greedy, token exact."""
+    model, _, mg = pair
+    frames = 9
+    ids, mask = np.zeros((2, 1), np.int64), np.zeros((2, 1), np.int64)
+    ref_audio, ref_codes = reference_generate(model, ids, mask, frames, do_sample=False, guidance_scale=1.0)
+    out = mg.generate_unconditional(2, duration=frames / mg.frame_rate, greedy=True)
+    np.testing.assert_array_equal(out.codes, ref_codes)
+    assert np.abs(out.wav - ref_audio).max() <= 1e-3
+
+
 def test_melody_changes_the_output(pair):
     _, _, mg = pair
     a = mg.generate(PROMPTS, duration=0.2, greedy=True, melody=chords(1.0, [220.0, 220.0]))
