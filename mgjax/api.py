@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mgjax import checkpoint
+from mgjax.audio import match_channels
 from mgjax.codec.encodec import Codec, EncodecModel
 from mgjax.config import ConfigError, MusicGenConfig, T5Config, from_dict
 from mgjax.lm.model import MusicGenLM, quantize_lm_params
@@ -192,13 +193,14 @@ class MusicGen:
 
     def generate(self, prompts: Sequence[str] | None = None, duration: float = 10.0, *, input_ids=None,
                  attention_mask=None, melody=None, melody_sample_rate: Optional[int] = None, prompt_audio=None,
-                 top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0, cfg_coef: float = 3.0,
+                 prompt_sample_rate: Optional[int] = None, top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0, cfg_coef: float = 3.0,
                  greedy: bool = False, seed: int = 0, progress: Optional[Callable[[int, int], None]] = None,
                  progress_every: int = 0) -> GenerationOutput:
         """Generates `duration` seconds for each prompt (strings, or `input_ids`/`attention_mask`).
 
         `melody` float32 `[B, C, N]` or `[B, N]` at `melody_sample_rate` (default `sample_rate`): chroma
-        conditioning, melody models only. `prompt_audio` float32 `[B, C, N]`: continuation, its codes kept as the
+        conditioning, melody models only. `prompt_audio` float32 `[B, C, N]` (or `[B, N]`) at `prompt_sample_rate`
+        (default `sample_rate`; resampled and its channels matched as needed): continuation, its codes kept as the
         first frames of the output. Durations beyond the model's window (`lm.max_duration`) are generated window
         by window, each window prompted with the last `max_duration - extend_stride` seconds of the previous one.
         `progress(step, total)` is called every `progress_every` decoding steps from inside the compiled loop.
@@ -209,11 +211,11 @@ class MusicGen:
         melody = self._check_melody(melody, ids.shape[0])
         return self._generate_from_text_states(self.encode_text(ids, mask), mask, duration, sampling, seed,
                                                melody=melody, melody_sample_rate=melody_sample_rate,
-                                               prompt_audio=prompt_audio, progress=progress,
-                                               progress_every=progress_every)
+                                               prompt_audio=prompt_audio, prompt_sample_rate=prompt_sample_rate,
+                                               progress=progress, progress_every=progress_every)
 
     def generate_unconditional(self, num_samples: int = 1, duration: float = 10.0, *, prompt_audio=None,
-                               top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0, greedy: bool = False,
+                               prompt_sample_rate: Optional[int] = None, top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0, greedy: bool = False,
                                seed: int = 0, progress: Optional[Callable[[int, int], None]] = None,
                                progress_every: int = 0) -> GenerationOutput:
         """`num_samples` clips of `duration` seconds with no description: the null condition (T5 states zero, mask
@@ -227,14 +229,15 @@ class MusicGen:
         states = jnp.zeros((num_samples, 1, self.config.text.d_model), jnp.float32)
         mask = np.zeros((num_samples, 1), np.int32)
         return self._generate_from_text_states(states, mask, duration, sampling, seed, prompt_audio=prompt_audio,
-                                               progress=progress, progress_every=progress_every)
+                                               prompt_sample_rate=prompt_sample_rate, progress=progress,
+                                               progress_every=progress_every)
 
     def _generate_from_text_states(self, cond, mask, duration: float, sampling: SamplingConfig, seed: int, *,
                                    melody=None, melody_sample_rate: Optional[int] = None, prompt_audio=None,
-                                   progress=None, progress_every: int = 0) -> GenerationOutput:
+                                   prompt_sample_rate: Optional[int] = None, progress=None, progress_every: int = 0) -> GenerationOutput:
         """`generate` from T5 states `[B, L, D]` and their mask `[B, L]` on."""
         frames = self.frames_for(duration)
-        prompt_codes = self._prompt_codes(prompt_audio, cond.shape[0], frames)
+        prompt_codes = self._prompt_codes(prompt_audio, prompt_sample_rate, cond.shape[0], frames)
         every = progress_every if progress is not None else 0
         with progress_callback(progress):
             codes, _ = self.generate_windows(cond, mask, prompt_codes, frames, sampling, jax.random.key(seed),
@@ -304,12 +307,27 @@ class MusicGen:
         positions = (start + np.arange(window_samples)) % samples
         return match_frames(prepare_melody(melody[..., positions], melody_sample_rate), length)
 
-    def _prompt_codes(self, prompt_audio, batch: int, frames: int) -> np.ndarray:
+    def _prompt_codes(self, prompt_audio, prompt_sample_rate: Optional[int], batch: int, frames: int) -> np.ndarray:
+        """Codes `[B, K, Tp]` of the audio prompt `[B, C, N]` (or mono `[B, N]`) at `prompt_sample_rate`, mixed
+        down or duplicated to the codec's channels and resampled first, as audiocraft's `generate_continuation`."""
         if prompt_audio is None:
             return np.zeros((batch, self.config.lm.num_codebooks, 0), np.int32)
-        prompt_codes = np.asarray(self.encode(prompt_audio))
-        if prompt_codes.shape[0] != batch:
-            raise ValueError(f"prompt_audio has batch {prompt_codes.shape[0]} but there are {batch} prompts")
+        audio = np.asarray(prompt_audio, np.float32)
+        if audio.ndim == 2:
+            audio = audio[:, None]
+        if audio.ndim != 3 or audio.shape[-1] == 0:
+            raise ValueError(f"prompt_audio must be [batch, channels, samples] (or [batch, samples]) with samples > 0, "
+                             f"got shape {np.shape(prompt_audio)}")
+        if audio.shape[0] != batch:
+            raise ValueError(f"prompt_audio has batch {audio.shape[0]} but there are {batch} prompts")
+        channels = self.config.codec.channels
+        if audio.shape[1] != channels:
+            audio = np.stack([match_channels(clip, channels) for clip in audio])
+        rate = prompt_sample_rate or self.sample_rate
+        if rate != self.sample_rate:
+            from mgjax.conditioning.chroma import resample
+            audio = np.asarray(resample(audio, rate, self.sample_rate))
+        prompt_codes = np.asarray(self.encode(audio))
         limit = min(frames, self.window_frames()[0])
         if prompt_codes.shape[-1] >= limit:
             raise ValueError(f"prompt_audio ({prompt_codes.shape[-1] / self.frame_rate:.2f} s) must be shorter than "

@@ -116,6 +116,26 @@ def test_audio_prompt_is_kept_and_continued(pair):
     assert continued.codes.shape == first.codes.shape
 
 
+def test_audio_prompt_at_another_rate_and_channel_count(pair):
+    """A stereo prompt at 16 kHz continues as the same prompt mixed down and resampled to 32 kHz first (what
+    audiocraft's `generate_continuation(prompt, prompt_sample_rate)` does); a prompt of the wrong rank is refused."""
+    from mgjax.conditioning.chroma import resample
+
+    _, _, mg = pair
+    t = np.arange(1600) / 16000
+    left, right = np.sin(2 * np.pi * 330 * t), 0.5 * np.sin(2 * np.pi * 440 * t)
+    stereo_16k = np.tile(np.stack([left, right])[None], (2, 1, 1)).astype(np.float32)  # [2, 2, 1600]
+    mono_32k = np.asarray(resample(stereo_16k.mean(axis=1, keepdims=True), 16000, 32000))
+    given = mg.generate(PROMPTS, duration=0.3, greedy=True, prompt_audio=stereo_16k, prompt_sample_rate=16000)
+    converted = mg.generate(PROMPTS, duration=0.3, greedy=True, prompt_audio=mono_32k)
+    np.testing.assert_array_equal(given.codes, converted.codes)
+    as_32k = mg.generate(PROMPTS, duration=0.3, greedy=True, prompt_audio=stereo_16k)  # the rate matters
+    prompt_frames = np.asarray(mg.encode(mono_32k)).shape[-1]
+    assert not np.array_equal(as_32k.codes[:, :, :prompt_frames], given.codes[:, :, :prompt_frames])
+    with pytest.raises(ValueError, match=r"prompt_audio must be \[batch, channels, samples\]"):
+        mg.generate(PROMPTS, duration=0.3, prompt_audio=np.zeros(1600, np.float32))
+
+
 def test_no_recompilation_and_one_compiled_loop(pair):
     _, _, mg = pair
     mg.generate(PROMPTS, duration=0.24, seed=0)
