@@ -15,6 +15,7 @@ import time
 
 # Constants only: mgjax.audio imports numpy and nothing heavy, so --help stays fast.
 from mgjax.audio import LOUDNESS_TARGET_LUFS, NORMALIZE_STRATEGIES  # noqa: E402
+from mgjax.runtime import DEFAULT_COMPILATION_CACHE  # noqa: E402
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mgjax", "assets", "demo")
 NO_CHECKPOINT_HELP = (
@@ -62,7 +63,11 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="LM compute dtype (default: the checkpoint's, float32 when converted; float32 is the "
                              "exact one and the faster on a CPU, bfloat16 or float16 are for GPUs and TPUs)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar; the generation program then has no host callback and is kept in the "
+                             "compilation cache, so the next run with the same shapes skips its compile")
+    parser.add_argument("--compile-cache", default=DEFAULT_COMPILATION_CACHE, metavar="DIR",
+                        help="directory keeping compiled programs between runs (default %(default)s; '' for none)")
     return parser.parse_args(argv)
 
 
@@ -196,7 +201,7 @@ def run(args) -> int:
         batch_melody = None if melody is None else np.repeat(melody[None], len(prompts), axis=0)
         bar = ProgressBar(f"prompts {first + 1}-{first + len(prompts)}", not args.no_progress)
         common = dict(duration=args.duration, prompt_audio=batch_prompt_audio, top_k=args.top_k, top_p=args.top_p,
-                      temperature=args.temperature, greedy=args.greedy, seed=args.seed + first, progress=bar,
+                      temperature=args.temperature, greedy=args.greedy, seed=args.seed + first, progress=None if args.no_progress else bar,
                       progress_every=10)
         if args.unconditional:
             out = mg.generate_unconditional(len(prompts), **common)
@@ -217,9 +222,10 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mgjax.runtime import keep_host_memory
+    from mgjax.runtime import keep_host_memory, use_compilation_cache
 
     keep_host_memory()  # before JAX starts its threads
+    use_compilation_cache(args.compile_cache)
     try:
         return run(args)
     except CliError as err:

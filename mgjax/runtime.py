@@ -1,4 +1,5 @@
-"""Process-level runtime settings: how XLA programs are compiled once, and how host memory is kept between steps.
+"""Process-level runtime settings: how XLA programs are compiled once (and kept on disk between runs), and how host
+memory is kept between steps.
 
 `keep_host_memory()` is called by the entry points (train.py, sample.py, train_codec.py, bench_train.py) before
 JAX starts its threads. It is a no-op where the C library is not glibc, and with `MGJAX_KEEP_HOST_MEMORY=0`.
@@ -10,7 +11,6 @@ import ctypes.util
 import os
 from typing import Any, Callable
 
-import jax
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
@@ -42,6 +42,39 @@ def keep_host_memory() -> bool:
     return all(status == 1 for status in applied)
 
 
+DEFAULT_COMPILATION_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "mgjax",
+                                         "xla")
+COMPILATION_CACHE_MAX_BYTES = 2 * 1024 ** 3  # least recently used programs are evicted past this
+
+
+def use_compilation_cache(directory: str | None) -> str | None:
+    """Keeps compiled XLA programs in `directory` so that a later process with the same programs loads them instead
+    of compiling (the demo's 8 s generation: 5.1 s -> 1.4 s on a 2-core CPU). Returns the directory used, or None:
+    when `directory` is empty, when `JAX_COMPILATION_CACHE_DIR` already chose one (left as JAX set it), or when it
+    cannot be created or written (a cache is an optimisation, never a reason to fail). Programs holding a host
+    callback (the progress bar's) are never stored: JAX cannot serialise them. Call before the first compilation."""
+    if not directory or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    path = os.path.abspath(os.path.expanduser(directory))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    if not os.access(path, os.W_OK | os.X_OK):
+        return None
+    import jax  # here, so that entry points can read this module's constants without starting JAX
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:  # JAX bounds the cache only with filelock (a dependency of huggingface_hub); unbounded without it
+        import filelock  # noqa: F401
+
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+    except ImportError:
+        pass
+    return path
+
+
 # Parameter init runs once, so its machine code need not be fast: with the backend's optimisation off it compiles
 # ~4x sooner (a tiny codec's init: 5 s instead of 21 s on a 2-core CPU).
 ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
@@ -51,6 +84,8 @@ def jit_once(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
     """`jax.jit(fn, **jit_kwargs)` for programs run once or rarely (parameter init), compiled with
     `ONCE_COMPILER_OPTIONS`; one compilation per argument signature. Under a trace (e.g. `jax.eval_shape`) it is the
     plain jitted function."""
+    import jax
+
     jitted = jax.jit(fn, **jit_kwargs)
     compiled: dict = {}
 

@@ -103,6 +103,24 @@ def test_sample_unconditional_clips(converted, tmp_path):
     assert all(len(clip) == len(clips[0]) for clip in clips) and not np.array_equal(clips[0], clips[1])
 
 
+def test_sample_keeps_compiled_programs_between_runs(converted, tmp_path):
+    """`--compile-cache`: the programs land on disk, the generation loop too when there is no progress bar (its host
+    callback cannot be stored), and a second run reads them and writes the same audio."""
+    cache, env = tmp_path / "xla", {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    args = ["sample.py", "--checkpoint", str(converted), "--prompt", "calm piano", "--duration", "0.3", "--top-k",
+            "5", "--compile-cache", str(cache)]
+    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "bar.wav")], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=600)
+    assert any(p.name.startswith("jit__encode_text") for p in cache.iterdir())
+    assert not any(p.name.startswith("jit__generate_codes") for p in cache.iterdir())
+    for name in ("first.wav", "second.wav"):
+        subprocess.run([sys.executable, *args, "--no-progress", "--out", str(tmp_path / name)], cwd=ROOT, env=env,
+                       check=True, capture_output=True, timeout=600)
+        assert any(p.name.startswith("jit__generate_codes") for p in cache.iterdir())
+    first, second = (soundfile.read(tmp_path / name)[0] for name in ("first.wav", "second.wav"))
+    np.testing.assert_array_equal(first, second)
+
+
 def test_sample_refuses_an_empty_prompts_file_and_no_prompt(converted, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")

@@ -48,3 +48,14 @@ def test_kept_host_memory_stops_page_faults_per_run():
     assert statistics.median(kept["faults"]) < 0.1 * kept["pages"], kept
     assert sum(kept["faults"]) < 0.5 * sum(plain["faults"]), (kept, plain)
 
+
+
+def test_compilation_cache_is_skipped_where_it_cannot_be_used(tmp_path, monkeypatch):
+    from mgjax.runtime import use_compilation_cache
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert use_compilation_cache("") is None
+    assert use_compilation_cache(str(blocker / "cache")) is None  # cannot be created: no error, no cache
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "chosen"))
+    assert use_compilation_cache(str(tmp_path / "ours")) is None and not (tmp_path / "ours").exists()
