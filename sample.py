@@ -63,9 +63,7 @@ def parse_args(argv):
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="LM compute dtype (default: the checkpoint's, float32 when converted; float32 is the "
                              "exact one and the faster on a CPU, bfloat16 or float16 are for GPUs and TPUs)")
-    parser.add_argument("--no-progress", action="store_true",
-                        help="no progress bar; the generation program then has no host callback and is kept in the "
-                             "compilation cache, so the next run with the same shapes skips its compile")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--compile-cache", default=DEFAULT_COMPILATION_CACHE, metavar="DIR",
                         help="directory keeping compiled programs between runs (default %(default)s; '' for none)")
     return parser.parse_args(argv)

@@ -1,4 +1,5 @@
-"""Generation: one compiled function (prefill + a `lax.scan` over the pattern steps with an explicit KV cache).
+"""Generation: one compiled function (prefill + a `lax.scan` over the pattern steps with an explicit KV cache); with
+progress reporting, the same prefill and steps split over a few compiled calls.
 
 Per step: embed the current column, decode one position (on a CPU with the layers run one by one on split weights,
 `model.split_for_decoding`), apply classifier-free guidance to the raw logits
@@ -97,15 +98,8 @@ def sample_tokens(logits: Array, key: Array, shape: _LoopShape, temperature: Arr
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
-# --- progress reporting from inside the compiled loop -------------------------------------------------------------
-# A module-level slot, not a thread-local: XLA runs host callbacks on its own threads.
+# --- progress reporting ----------------------------------------------------------------------------------------
 _progress: dict[str, Optional[Callable[[int, int], None]]] = {"callback": None}
-
-
-def _report_progress(step, total) -> None:
-    callback = _progress["callback"]
-    if callback is not None:
-        callback(int(step), int(total))
 
 
 class progress_callback:
@@ -185,72 +179,141 @@ def generate_codes(lm_params, cond: Array, cond_mask: Array, key: Array, prompt_
     chroma `[B, F, 12]` for melody models, key a `jax.random` key. Temperature, top-p and the CFG coefficient are
     traced, so changing them does not recompile; greedy, top-k and guidance on/off do. `split_layers`: decode with
     the layers run one by one on split weights (None: `split_layers_by_default`); the same tokens either way.
+    With `progress_every > 0` and a callback installed (`progress_callback`), the same steps run as a compiled
+    prefill, then `progress_every` steps per call of one compiled program (the KV cache donated from call to call),
+    reporting between calls: the same tokens, and no host callback inside, so every program stays serialisable
+    for the persistent compilation cache.
     """
     sampling.validate()
     if not 0 <= prompt_codes.shape[-1] <= frames:
         raise ValueError(f"the audio prompt has {prompt_codes.shape[-1]} frames, more than the {frames} to generate")
     if split_layers is None:
         split_layers = split_layers_by_default(lm_params)
-    return _generate_codes(lm_params, cond, cond_mask, key, jnp.asarray(prompt_codes, jnp.int32), chroma,
-                           jnp.float32(sampling.cfg_coef), jnp.float32(sampling.temperature),
-                           jnp.float32(sampling.top_p), lm_config=lm_config, frames=frames,
-                           shape=_LoopShape.of(sampling), progress_every=progress_every,
-                           split_layers=bool(split_layers))
+    traced = (jnp.float32(sampling.cfg_coef), jnp.float32(sampling.temperature), jnp.float32(sampling.top_p))
+    statics = dict(lm_config=lm_config, frames=frames, shape=_LoopShape.of(sampling), split_layers=bool(split_layers))
+    prompt_codes = jnp.asarray(prompt_codes, jnp.int32)
+    report = _progress["callback"]
+    if progress_every <= 0 or report is None:
+        return _generate_codes(lm_params, cond, cond_mask, key, prompt_codes, chroma, *traced, **statics)
+    seq, cache, layer_params = _start_generation(lm_params, cond, cond_mask, prompt_codes, chroma, **statics)
+    first, num_steps = _step_range(lm_config, frames, prompt_codes.shape[-1])
+    for done in range(0, num_steps - first, progress_every):
+        seq, cache = _advance(lm_params, layer_params, seq, cache, key, jnp.int32(first + done), *traced,
+                              steps=progress_every, prompt_frames=prompt_codes.shape[-1], **statics)
+        jax.block_until_ready(seq)
+        report(min(done + progress_every, num_steps - first), num_steps - first)
+    return _finish(seq, lm_config=lm_config, frames=frames)
 
 
-@functools.partial(jax.jit, static_argnames=("lm_config", "frames", "shape", "progress_every", "split_layers"))
-def _generate_codes(lm_params, cond, cond_mask, key, prompt_codes, chroma, cfg_coef, temperature, top_p, *,
-                    lm_config: LMConfig, frames: int, shape: _LoopShape, progress_every: int,
-                    split_layers: bool = False) -> Array:
+def _step_range(lm_config: LMConfig, frames: int, prompt_frames: int) -> tuple[int, int]:
+    """`(first step sampling a token, number of pattern steps)` of a generation."""
+    writable, _, start = write_masks(pattern_from_config(lm_config), frames, prompt_frames)
+    return start, writable.shape[1]
+
+
+def _prepare(lm: MusicGenLM, lm_params, cond, cond_mask, prompt_codes, chroma, *, frames: int, use_cfg: bool,
+             split_layers: bool):
+    """Traced: the interleaved sequence `[B, K, S]` holding the prompt, the KV cache after the conditions and the
+    prompt's columns, and the per-layer params when decoding on split layers (else None)."""
+    lm_config = lm.config
     pattern = pattern_from_config(lm_config)
     batch, num_codebooks, prompt_frames = prompt_codes.shape
     special = lm_config.card
     writable, prompt_fixed, start = write_masks(pattern, frames, prompt_frames)
-    num_steps = writable.shape[1]
-    use_cfg = shape.use_cfg
-    lm = MusicGenLM(lm_config)
     variables = {"params": lm_params}
-
     if use_cfg:
         cond, cond_mask = _with_null_condition(cond), _with_null_condition(cond_mask)
         chroma = _with_null_chroma(chroma)
-    cache = lm.apply(variables, cond, cond_mask, chroma=chroma, max_length=num_steps, method=MusicGenLM.prefill)
-
+    cache = lm.apply(variables, cond, cond_mask, chroma=chroma, max_length=writable.shape[1],
+                     method=MusicGenLM.prefill)
     padded_prompt = jnp.concatenate(
         [prompt_codes.astype(jnp.int32),
          jnp.zeros((batch, num_codebooks, frames - prompt_frames), jnp.int32)], axis=-1)
     seq = jnp.where(jnp.asarray(prompt_fixed)[None], pattern.build(padded_prompt, special), special)
     seq = seq.astype(jnp.int32)
-
-    def duplicate(x):
-        return jnp.concatenate([x, x], axis=0) if use_cfg else x
-
     layer_params = None
     if split_layers:
         layer_params, cache = split_for_decoding(lm_params["layers"], cache)
     if start > 1:  # feed the prompt's columns in one chunk
-        _, cache = lm.apply(variables, duplicate(seq[:, :, : start - 1]), cache, layer_params,
+        _, cache = lm.apply(variables, _duplicate(seq[:, :, : start - 1], use_cfg), cache, layer_params,
                             method=MusicGenLM.decode_step)
+    return seq, cache, layer_params
 
-    writable_KxS = jnp.asarray(writable)
+
+def _duplicate(x: Array, use_cfg: bool) -> Array:
+    """The batch twice (conditional rows, then the null condition's) when guidance is on."""
+    return jnp.concatenate([x, x], axis=0) if use_cfg else x
+
+
+def _decoding_step(lm: MusicGenLM, lm_params, layer_params, writable_KxS: Array, key: Array, shape: _LoopShape,
+                   cfg_coef, temperature, top_p):
+    """Traced: `step((seq, cache), s)` for `lax.scan`: decode column s - 1, pick the tokens of column s and write
+    them where the pattern allows."""
+    variables = {"params": lm_params}
 
     def step(carry, s):
         seq, cache = carry
         column = jax.lax.dynamic_slice_in_dim(seq, s - 1, 1, axis=2)
-        logits, cache = lm.apply(variables, duplicate(column), cache, layer_params, method=MusicGenLM.decode_step)
+        logits, cache = lm.apply(variables, _duplicate(column, shape.use_cfg), cache, layer_params,
+                                 method=MusicGenLM.decode_step)
         logits = logits[:, :, 0]
-        if use_cfg:
+        if shape.use_cfg:
             logits = classifier_free_guidance(logits, cfg_coef)
         tokens = sample_tokens(logits, jax.random.fold_in(key, s), shape, temperature, top_p)
         current = jax.lax.dynamic_slice_in_dim(seq, s, 1, axis=2)[:, :, 0]
         new = jnp.where(jax.lax.dynamic_slice_in_dim(writable_KxS, s, 1, axis=1)[:, 0][None], tokens, current)
         seq = jax.lax.dynamic_update_slice_in_dim(seq, new[:, :, None], s, axis=2)
-        if progress_every:
-            jax.lax.cond((s - start + 1) % progress_every == 0,
-                         lambda: jax.debug.callback(_report_progress, s - start + 1, num_steps - start),
-                         lambda: None)
         return (seq, cache), None
 
-    (seq, _), _ = jax.lax.scan(step, (seq, cache), jnp.arange(start, num_steps))
-    codes, _ = pattern.revert(seq, special, timesteps=frames)
+    return step
+
+
+def _revert(seq: Array, lm_config: LMConfig, frames: int) -> Array:
+    codes, _ = pattern_from_config(lm_config).revert(seq, lm_config.card, timesteps=frames)
     return codes.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("lm_config", "frames", "shape", "split_layers"))
+def _generate_codes(lm_params, cond, cond_mask, key, prompt_codes, chroma, cfg_coef, temperature, top_p, *,
+                    lm_config: LMConfig, frames: int, shape: _LoopShape, split_layers: bool = False) -> Array:
+    lm = MusicGenLM(lm_config)
+    seq, cache, layer_params = _prepare(lm, lm_params, cond, cond_mask, prompt_codes, chroma, frames=frames,
+                                        use_cfg=shape.use_cfg, split_layers=split_layers)
+    writable, _, start = write_masks(pattern_from_config(lm_config), frames, prompt_codes.shape[-1])
+    step = _decoding_step(lm, lm_params, layer_params, jnp.asarray(writable), key, shape, cfg_coef, temperature,
+                          top_p)
+    (seq, _), _ = jax.lax.scan(step, (seq, cache), jnp.arange(start, writable.shape[1]))
+    return _revert(seq, lm_config, frames)
+
+
+# --- the same generation in calls of a few steps (progress reported between calls) ----------------------------
+@functools.partial(jax.jit, static_argnames=("lm_config", "frames", "shape", "split_layers"))
+def _start_generation(lm_params, cond, cond_mask, prompt_codes, chroma, *, lm_config: LMConfig, frames: int,
+                      shape: _LoopShape, split_layers: bool):
+    """`(seq, cache, layer_params)` as `_generate_codes` has them before its first sampling step."""
+    return _prepare(MusicGenLM(lm_config), lm_params, cond, cond_mask, prompt_codes, chroma, frames=frames,
+                    use_cfg=shape.use_cfg, split_layers=split_layers)
+
+
+@functools.partial(jax.jit, static_argnames=("lm_config", "frames", "shape", "split_layers", "steps",
+                                             "prompt_frames"), donate_argnames=("seq", "cache"))
+def _advance(lm_params, layer_params, seq, cache, key, first_step, cfg_coef, temperature, top_p, *,
+             lm_config: LMConfig, frames: int, shape: _LoopShape, split_layers: bool, steps: int,
+             prompt_frames: int):
+    """Steps `first_step .. first_step + steps - 1` of the generation (those past its last step do nothing)."""
+    del split_layers  # layer_params is None or not: part of the signature, so part of the cache key
+    lm = MusicGenLM(lm_config)
+    writable, _, _ = write_masks(pattern_from_config(lm_config), frames, prompt_frames)
+    step = _decoding_step(lm, lm_params, layer_params, jnp.asarray(writable), key, shape, cfg_coef, temperature,
+                          top_p)
+
+    def step_if_in_range(carry, s):
+        return jax.lax.cond(s < writable.shape[1], lambda c: step(c, s)[0], lambda c: c, carry), None
+
+    (seq, cache), _ = jax.lax.scan(step_if_in_range, (seq, cache), first_step + jnp.arange(steps))
+    return seq, cache
+
+
+@functools.partial(jax.jit, static_argnames=("lm_config", "frames"))
+def _finish(seq, *, lm_config: LMConfig, frames: int) -> Array:
+    return _revert(seq, lm_config, frames)

@@ -104,21 +104,23 @@ def test_sample_unconditional_clips(converted, tmp_path):
 
 
 def test_sample_keeps_compiled_programs_between_runs(converted, tmp_path):
-    """`--compile-cache`: the programs land on disk, the generation loop too when there is no progress bar (its host
-    callback cannot be stored), and a second run reads them and writes the same audio."""
+    """`--compile-cache`: every program lands on disk, the generation's too, with the progress bar (calls of a few
+    steps, no host callback inside) and without it (one loop); later runs read them and write the same audio."""
     cache, env = tmp_path / "xla", {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     args = ["sample.py", "--checkpoint", str(converted), "--prompt", "calm piano", "--duration", "0.3", "--top-k",
             "5", "--compile-cache", str(cache)]
-    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "bar.wav")], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=600)
-    assert any(p.name.startswith("jit__encode_text") for p in cache.iterdir())
-    assert not any(p.name.startswith("jit__generate_codes") for p in cache.iterdir())
-    for name in ("first.wav", "second.wav"):
-        subprocess.run([sys.executable, *args, "--no-progress", "--out", str(tmp_path / name)], cwd=ROOT, env=env,
-                       check=True, capture_output=True, timeout=600)
-        assert any(p.name.startswith("jit__generate_codes") for p in cache.iterdir())
-    first, second = (soundfile.read(tmp_path / name)[0] for name in ("first.wav", "second.wav"))
+
+    def cached(prefix):
+        return [p.name for p in cache.iterdir() if p.name.startswith(prefix) and p.name.endswith("-cache")]
+
+    for name, extra in (("bar1.wav", []), ("bar2.wav", []), ("plain.wav", ["--no-progress"])):
+        subprocess.run([sys.executable, *args, *extra, "--out", str(tmp_path / name)], cwd=ROOT, env=env, check=True,
+                       capture_output=True, timeout=600)
+        assert cached("jit__encode_text") and cached("jit__advance") and cached("jit__start_generation")
+    assert len(cached("jit__generate_codes")) == 1  # the --no-progress run's one loop
+    first, second, plain = (soundfile.read(tmp_path / name)[0] for name in ("bar1.wav", "bar2.wav", "plain.wav"))
     np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(first, plain)
 
 
 def test_sample_refuses_an_empty_prompts_file_and_no_prompt(converted, tmp_path):

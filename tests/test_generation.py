@@ -150,7 +150,7 @@ def test_no_recompilation_and_one_compiled_loop(pair):
         mg.params["lm"], c, jnp.asarray(mask), jax.random.key(0), jnp.zeros((2, mg.config.lm.num_codebooks, 0),
                                                                            jnp.int32),
         None, 3.0, 1.0, 0.0, lm_config=mg.config.lm, frames=frames,
-        shape=sampling._LoopShape.of(sampling.SamplingConfig()), progress_every=0))(cond)
+        shape=sampling._LoopShape.of(sampling.SamplingConfig())))(cond)
     text = str(jaxpr)
     steps = frames + mg.config.lm.num_codebooks - 1  # delay pattern: S - 1 decoding steps
     assert text.count(f"length={steps}") >= 1, "the decoding steps must run inside one scan of fixed length"
@@ -202,13 +202,22 @@ def test_free_host_bytes_reads_available_memory(tmp_path):
     assert free is None or free > 0
 
 
-def test_progress_callback_reports_steps(pair):
+@pytest.mark.parametrize("every", [2, 5])
+def test_progress_callback_reports_steps_and_changes_no_token(pair, every, monkeypatch):
+    """With a progress callback the generation runs `every` steps per compiled call: the callback sees each call's
+    end, and the tokens are those of the single compiled loop (top-k sampling, a prompt, both layer layouts)."""
     _, _, mg = pair
-    seen = []
-    mg.generate(PROMPTS, duration=0.2, progress=lambda step, total: seen.append((step, total)), progress_every=2)
-    total = 10 + mg.config.lm.num_codebooks - 1
-    assert seen and all(t == total for _, t in seen) and seen[-1][0] <= total
-    assert [s for s, _ in seen] == list(range(2, total + 1, 2))
+    prompt_wav = mg.generate(PROMPTS, duration=0.06, greedy=True).wav
+    for split in (True, False):
+        monkeypatch.setattr(mgjax.api, "split_layers_by_default", lambda _, split=split: split)
+        seen = []
+        reported = mg.generate(PROMPTS, duration=0.2, top_k=5, seed=4, prompt_audio=prompt_wav,
+                               progress=lambda step, total: seen.append((step, total)), progress_every=every)
+        plain = mg.generate(PROMPTS, duration=0.2, top_k=5, seed=4, prompt_audio=prompt_wav)
+        np.testing.assert_array_equal(reported.codes, plain.codes)
+    prompt_frames = np.asarray(mg.encode(prompt_wav)).shape[-1]
+    total = 10 - prompt_frames + mg.config.lm.num_codebooks - 1
+    assert [s for s, _ in seen] == [*range(every, total, every), total] and all(t == total for _, t in seen)
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 5])
