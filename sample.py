@@ -182,7 +182,7 @@ def run(args) -> int:
         mg = mg.with_compute_dtype(args.dtype)
     prompt_audio = None
     if args.continue_wav:
-        prompt_audio = load_audio(args.continue_wav, mg.sample_rate, mg.config.codec.channels)
+        prompt_audio = load_audio(args.continue_wav, mg.sample_rate, mg.channels)
         if prompt_audio.shape[-1] / mg.sample_rate >= args.duration:
             raise CliError(f"--continue audio ({prompt_audio.shape[-1] / mg.sample_rate:.2f} s) must be shorter "
                            f"than --duration ({args.duration} s)")

@@ -134,7 +134,7 @@ def make_datasets(config: Any, synthetic: bool) -> tuple[Any, Any, Any]:
     train_entries, valid_entries = data.split_valid(entries, train.valid_fraction)
     codec = load_codec(config)
     cache = data.CodeCache(train.cache_dir or os.path.join(train.output_dir, "code_cache"), codec,
-                           chroma=config.lm.conditioning == "prepend")
+                           chroma=config.lm.conditioning == "prepend", stereo=config.lm.audio_channels == 2)
     tokenizer = load_tokenizer(config)
     dataset = data.AudioDataset(train_entries, cache, train, tokenizer=tokenizer)
     # Few held-out files: every host reads all of them (each host must take part in every eval step).

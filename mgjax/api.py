@@ -151,14 +151,37 @@ class MusicGen:
     def frame_rate(self) -> float:
         return self.config.codec.frame_rate
 
+    @property
+    def channels(self) -> int:
+        """Audio channels in and out: the codec's, or 2 for a stereo model (`lm.audio_channels=2`, mono codec)."""
+        return 2 if self.config.lm.audio_channels == 2 else self.config.codec.channels
+
     # --- audio --------------------------------------------------------------------------------------------------
     def encode(self, wav) -> jax.Array:
-        """float32 `[B, C, N]` at `sample_rate` -> int32 `[B, K, T]`."""
-        return self.codec.encode(wav)
+        """float32 `[B, C, N]` at `sample_rate` -> int32 `[B, K, T]`. Stereo models: each channel coded on its own,
+        the codebooks interleaved left/right, `[L0, R0, L1, R1, ...]` (as transformers and audiocraft do)."""
+        if self.config.lm.audio_channels == 1:
+            return self.codec.encode(wav)
+        wav = jnp.asarray(wav)
+        if wav.ndim != 3 or wav.shape[1] != 2:
+            raise ValueError(f"this stereo model encodes [batch, 2, samples] audio, got shape {wav.shape}")
+        batch = wav.shape[0]
+        codes = self.codec.encode(jnp.concatenate([wav[:, :1], wav[:, 1:]], axis=0))  # [2B, K/2, T]: left, right
+        left, right = codes[:batch], codes[batch:]
+        return jnp.stack([left, right], axis=2).reshape(batch, -1, codes.shape[-1])
 
     def decode(self, codes) -> jax.Array:
-        """int32 `[B, K, T]` -> float32 `[B, C, T * hop]`."""
-        return self.codec.decode(codes)
+        """int32 `[B, K, T]` -> float32 `[B, C, T * hop]`; stereo models: the even codebooks are the left channel,
+        the odd ones the right."""
+        if self.config.lm.audio_channels == 1:
+            return self.codec.decode(codes)
+        codes = jnp.asarray(codes)
+        if codes.ndim != 3 or codes.shape[1] != self.config.lm.num_codebooks:
+            raise ValueError(f"this stereo model decodes [batch, {self.config.lm.num_codebooks}, frames] codes, got "
+                             f"shape {codes.shape}")
+        batch = codes.shape[0]
+        wav = self.codec.decode(jnp.concatenate([codes[:, ::2], codes[:, 1::2]], axis=0))  # [2B, 1, N]
+        return jnp.concatenate([wav[:batch], wav[batch:]], axis=1)
 
     # --- text ---------------------------------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str] | None, input_ids=None, attention_mask=None):
@@ -320,7 +343,7 @@ class MusicGen:
                              f"got shape {np.shape(prompt_audio)}")
         if audio.shape[0] != batch:
             raise ValueError(f"prompt_audio has batch {audio.shape[0]} but there are {batch} prompts")
-        channels = self.config.codec.channels
+        channels = self.channels
         if audio.shape[1] != channels:
             audio = np.stack([match_channels(clip, channels) for clip in audio])
         rate = prompt_sample_rate or self.sample_rate

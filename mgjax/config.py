@@ -106,6 +106,9 @@ class LMConfig:
     pattern_flattening: tuple[int, ...] = ()  # unroll pattern: () means (0, 1, ..., K-1)
     pattern_group_size: int = 1  # musiclm pattern
     conditioning: str = "cross"  # 'cross' (cross-attention) or 'prepend' (melody models)
+    # 2: stereo (musicgen-stereo-*): each channel is coded by the mono codec and the codebooks interleave left/right,
+    # [L0, R0, L1, R1, ...], so num_codebooks = 2 x codec.n_q
+    audio_channels: int = 1
     layer_norm_eps: float = 1e-5
     compute_dtype: str = "float32"
     # 'int8': matmul weights stored as int8 with per-output-channel float32 scales and multiplied as int8 x int8
@@ -138,6 +141,9 @@ class LMConfig:
             raise ConfigError(f"lm.weight_format must be 'float32' or 'int8', got {self.weight_format!r}")
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"lm.compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
+        if self.audio_channels not in (1, 2) or self.num_codebooks % self.audio_channels:
+            raise ConfigError(f"lm.audio_channels must be 1 or 2 and divide lm.num_codebooks={self.num_codebooks}, "
+                              f"got {self.audio_channels}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,9 +212,13 @@ class MusicGenConfig:
         self.codec.validate()
         self.text.validate()
         self.lm.validate()
-        if self.codec.n_q != self.lm.num_codebooks:
-            raise ConfigError(
-                f"codec.n_q={self.codec.n_q} differs from lm.num_codebooks={self.lm.num_codebooks}; set both alike")
+        if self.lm.audio_channels == 2 and self.codec.channels != 1:
+            raise ConfigError(f"lm.audio_channels=2 (stereo) codes each channel with a mono codec; codec.channels is "
+                              f"{self.codec.channels}")
+        if self.codec.n_q * self.lm.audio_channels != self.lm.num_codebooks:
+            stereo = " x lm.audio_channels=2" if self.lm.audio_channels == 2 else ""
+            raise ConfigError(f"codec.n_q={self.codec.n_q}{stereo} differs from lm.num_codebooks="
+                              f"{self.lm.num_codebooks}; set both alike")
         if self.train.opening_seconds < 0 or self.train.opening_loss_weight <= 0:
             raise ConfigError(f"train.opening_seconds must be >= 0 and train.opening_loss_weight > 0, got "
                               f"{self.train.opening_seconds} and {self.train.opening_loss_weight}")

@@ -252,15 +252,21 @@ def melody_chroma(wav: np.ndarray, sample_rate: int, bucket: int) -> np.ndarray:
 
 class CodeCache:
     """Codes of audio files (and, with `chroma=True`, their melody chroma), computed once with `codec` and stored
-    as npz files in `directory`."""
+    as npz files in `directory`. `stereo=True` (stereo LMs over a mono codec): each file is read as two channels,
+    each coded on its own, and the codebooks interleaved left/right, `[2K, T]` as `MusicGen.encode` gives them."""
 
-    def __init__(self, directory: str, codec: Any, chunk_seconds: float = 30.0, chroma: bool = False):
+    def __init__(self, directory: str, codec: Any, chunk_seconds: float = 30.0, chroma: bool = False,
+                 stereo: bool = False):
+        if stereo and codec.config.channels != 1:
+            raise ValueError(f"stereo codes come from a mono codec; this codec has {codec.config.channels} channels")
         self.directory = directory
         self.codec = codec
         self.chroma = chroma
+        self.stereo = stereo
         hop = codec.config.hop_length
         self.chunk = max(1, int(round(chunk_seconds * codec.config.sample_rate / hop))) * hop
-        self.fingerprint = params_fingerprint(codec.params) + ("+chroma" if chroma else "")
+        self.fingerprint = (params_fingerprint(codec.params) + ("+chroma" if chroma else "")
+                            + ("+stereo" if stereo else ""))
         os.makedirs(directory, exist_ok=True)
 
     def path_for(self, audio_path: str) -> str:
@@ -279,8 +285,10 @@ class CodeCache:
                 except (OSError, ValueError, KeyError):
                     pass  # a torn cache file: encode again
             config = self.codec.config
-            wav = load_audio(entry.path, config.sample_rate, config.channels)
-            out = {"codes": encode_in_chunks(self.codec.encode, wav, self.chunk, config.hop_length)}
+            wav = load_audio(entry.path, config.sample_rate, 2 if self.stereo else config.channels)
+            channels = [wav[c:c + 1] for c in range(2)] if self.stereo else [wav]
+            codes = [encode_in_chunks(self.codec.encode, part, self.chunk, config.hop_length) for part in channels]
+            out = {"codes": np.stack(codes, axis=1).reshape(-1, codes[0].shape[-1])}  # [K, T] or [K x 2, T]
             if self.chroma:
                 out["chroma"] = melody_chroma(wav, config.sample_rate, self.chunk)
             tmp = cached + f".tmp-{os.getpid()}.npz"

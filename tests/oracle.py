@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import transformers
 
@@ -50,7 +51,7 @@ def musicgen(decoder: dict, seed: int = 0, text: dict | None = None) -> transfor
     card = decoder["vocab_size"]
     config = transformers.MusicgenConfig(
         text_encoder=transformers.T5Config(**(text or TEXT)),
-        audio_encoder=codec_config(decoder["num_codebooks"], card),
+        audio_encoder=codec_config(decoder["num_codebooks"] // decoder.get("audio_channels", 1), card),
         decoder=transformers.MusicgenDecoderConfig(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
                                                    max_position_embeddings=512, pad_token_id=card,
                                                    bos_token_id=card, **decoder))
@@ -64,21 +65,26 @@ def reference_generate(model, input_ids, attention_mask, frames: int, **kwargs):
 
 
 def reference_generate_from(model, inputs: dict, frames: int, **kwargs):
-    """transformers `generate(**inputs)` for `frames` frames -> (audio [B, C, N] numpy, codes [B, K, T] numpy)."""
-    captured = {}
+    """transformers `generate(**inputs)` for `frames` frames -> (audio [B, C, N] numpy, codes [B, K, T] numpy).
+    Stereo models decode their left (even) and right (odd) codebooks apart: the codes come back interleaved."""
+    captured = []
     decode = model.audio_encoder.decode
 
     def capture(audio_codes, *args, **kw):
-        captured["codes"] = audio_codes[0].numpy()
+        captured.append(audio_codes[0].numpy())
         return decode(audio_codes, *args, **kw)
 
+    channels = model.decoder.config.audio_channels
     model.audio_encoder.decode = capture
     try:
         with torch.no_grad():
-            audio = model.generate(**inputs, max_new_tokens=frames + model.decoder.num_codebooks - 1, **kwargs)
+            audio = model.generate(**inputs, max_new_tokens=frames + model.decoder.num_codebooks // channels - 1,
+                                   **kwargs)
     finally:
         model.audio_encoder.decode = decode
-    return audio.numpy(), captured["codes"]
+    assert len(captured) == channels
+    codes = np.stack(captured, axis=2).reshape(captured[0].shape[0], -1, captured[0].shape[-1])
+    return audio.numpy(), codes
 
 
 def musicgen_melody(decoder: dict, seed: int = 0, text: dict | None = None, **config):
@@ -88,7 +94,7 @@ def musicgen_melody(decoder: dict, seed: int = 0, text: dict | None = None, **co
     card = decoder["vocab_size"]
     melody_config = transformers.MusicgenMelodyConfig(
         text_encoder=transformers.T5Config(**(text or TEXT)),
-        audio_encoder=codec_config(decoder["num_codebooks"], card),
+        audio_encoder=codec_config(decoder["num_codebooks"] // decoder.get("audio_channels", 1), card),
         decoder=transformers.MusicgenMelodyDecoderConfig(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
                                                          max_position_embeddings=512, pad_token_id=card,
                                                          bos_token_id=card, **decoder), **config)

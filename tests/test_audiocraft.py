@@ -93,10 +93,12 @@ def lm_cfg(model, melody: bool = False) -> dict:
         conditioners["self_wav"] = {"model": "chroma_stem", "chroma_stem": {
             "sample_rate": "${sample_rate}", "n_chroma": 12, "radix2_exp": 14, "argmax": True}}
         fuser.update(cross=[], prepend=["self_wav", "description"])
+    channels = dec.audio_channels  # stereo: audiocraft's musicgen_stereo_finetune settings
     return {
-        "sample_rate": 32000, "channels": 1, "dataset": {"segment_duration": 30}, "lm_model": "transformer_lm",
-        "codebooks_pattern": {"modeling": "delay", "delay": {"delays": list(range(K)), "flatten_first": 0,
-                                                             "empty_initial": 0},
+        "sample_rate": 32000, "channels": channels, "dataset": {"segment_duration": 30}, "lm_model": "transformer_lm",
+        "interleave_stereo_codebooks": {"use": channels == 2, "per_timestep": False},
+        "codebooks_pattern": {"modeling": "delay", "delay": {"delays": [k // channels for k in range(K)],
+                                                             "flatten_first": 0, "empty_initial": 0},
                               "unroll": {"flattening": list(range(K)), "delays": [0] * K}},
         "transformer_lm": {
             "dim": dec.hidden_size, "num_heads": dec.num_attention_heads, "num_layers": dec.num_hidden_layers,
@@ -221,6 +223,30 @@ def test_melody_checkpoint_matches_transformers_conversion(tmp_path):
     assert mg_ac.config.lm.conditioning == "prepend" and mg_ac.config.lm.chroma_length == 235
     assert mg_ac.config == mg_hf.config
     assert_same_params(mg_ac.params, mg_hf.params)
+
+
+def test_stereo_checkpoint_matches_transformers_conversion(tmp_path):
+    """musicgen-stereo as audiocraft stores it (interleave_stereo_codebooks, 8 codebooks with delays 0,0,1,1,...,
+    a mono codec): the same config, params and greedy tokens as the transformers conversion."""
+    model = musicgen(dict(DECODER, num_codebooks=8, audio_channels=2), seed=13)
+    round_to_fp16(model)
+    model.save_pretrained(tmp_path / "hf")
+    ac_dir = write_audiocraft(model, tmp_path / "ac")
+    t5_dir = write_t5(model, tmp_path / "t5")
+    mg_hf = mgjax.MusicGen.load(mgjax.convert_checkpoint(str(tmp_path / "hf"), str(tmp_path / "out_hf")))
+    mg_ac = mgjax.MusicGen.load(mgjax.convert_checkpoint(ac_dir, str(tmp_path / "out_ac"), t5_dir=t5_dir))
+    assert mg_ac.config.lm.audio_channels == 2 and mg_ac.config.codec.n_q == 4 and mg_ac.config == mg_hf.config
+    assert_same_params(mg_ac.params, mg_hf.params)
+    ids, mask = np.array([[5, 9, 3]], np.int32), np.ones((1, 3), np.int32)
+    kwargs = dict(input_ids=ids, attention_mask=mask, duration=9 / mg_hf.frame_rate, greedy=True)
+    np.testing.assert_array_equal(mg_ac.generate(**kwargs).codes, mg_hf.generate(**kwargs).codes)
+    cfg = lm_cfg(model)
+    cfg["interleave_stereo_codebooks"]["per_timestep"] = True
+    with pytest.raises(ConversionError, match="per_timestep=True"):
+        audiocraft.lm_config_from_audiocraft(cfg)
+    cfg["interleave_stereo_codebooks"] = {"use": False}
+    with pytest.raises(ConversionError, match="channels=2 with interleave_stereo_codebooks.use=False"):
+        audiocraft.lm_config_from_audiocraft(cfg)
 
 
 # --- configs ----------------------------------------------------------------------------------------------------------

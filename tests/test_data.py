@@ -242,3 +242,22 @@ def test_melody_chroma_is_cached_and_cut_per_segment(folder, codec, tmp_path):
         expected = 4 if batch["text_ids"][row, 0] == 3 else 9
         assert np.argmax(batch["chroma"][row, 1]) == expected
     assert data.crop_chroma(features["chroma"], 32000 * 10, 16000)[:, 0].all()  # past the end: null melody
+
+
+def test_stereo_codes_interleave_the_channels(codec, tmp_path):
+    """Stereo LMs (`CodeCache(stereo=True)`): each channel coded on its own, codebooks interleaved left/right
+    `[L0, R0, L1, R1, ...]`; a mono file is duplicated to both; the cache key tells stereo from mono."""
+    left, right = sine(0.5, 32000, 330.0)[:, 0], 0.4 * sine(0.5, 32000, 220.0)[:, 0]
+    soundfile.write(tmp_path / "lr.wav", np.stack([left, right], axis=1), 32000)
+    cache = data.CodeCache(str(tmp_path / "cache"), codec, chunk_seconds=1.0, stereo=True)
+    codes = cache.codes(data.Entry(str(tmp_path / "lr.wav")))
+    mono_cache = cache_for(tmp_path, codec)
+    assert cache.path_for(str(tmp_path / "lr.wav")) != mono_cache.path_for(str(tmp_path / "lr.wav"))
+    hop, wav = CONFIG.codec.hop_length, data.load_audio(str(tmp_path / "lr.wav"), 32000, 2)
+    for channel in range(2):
+        alone = data.encode_in_chunks(codec.encode, wav[channel:channel + 1], cache.chunk, hop)
+        np.testing.assert_array_equal(codes[channel::2], alone)
+    assert codes.shape == (2 * CONFIG.codec.n_q, 25) and not np.array_equal(codes[0::2], codes[1::2])
+    soundfile.write(tmp_path / "mono.wav", left, 32000)
+    both = cache.codes(data.Entry(str(tmp_path / "mono.wav")))
+    np.testing.assert_array_equal(both[0::2], both[1::2])

@@ -204,7 +204,7 @@ def convert_audiocraft(src_dir: str, dst_dir: str, *, t5_dir: str | None = None,
     lm_state, lm_cfg = read_package(os.path.join(src_dir, LM_FILE))
     codec_raw, codec_cfg = read_package(os.path.join(src_dir, CODEC_FILE))
     lm_config = lm_config_from_audiocraft(lm_cfg)
-    codec_config = codec_config_from_audiocraft(codec_cfg, lm_config.num_codebooks)
+    codec_config = codec_config_from_audiocraft(codec_cfg, lm_config.num_codebooks // lm_config.audio_channels)
     if codec_config.sample_rate != int(cfg_get(lm_cfg, "sample_rate", codec_config.sample_rate)):
         raise ConversionError(f"the LM was trained at sample_rate={cfg_get(lm_cfg, 'sample_rate')} but the codec "
                               f"runs at {codec_config.sample_rate}")

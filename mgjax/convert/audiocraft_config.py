@@ -132,7 +132,21 @@ def _unless(values, default) -> tuple[int, ...]:
     return () if values == tuple(default) else values
 
 
-def _pattern(cfg: Mapping, n_q: int) -> dict:
+def _audio_channels(cfg: Mapping) -> int:
+    """2 for a stereo LM (`interleave_stereo_codebooks.use`: a mono codec codes each channel, codebooks interleaved
+    left/right), else 1; refuses the layouts mgjax does not decode."""
+    stereo = bool(cfg_get(cfg, "interleave_stereo_codebooks.use", False))
+    channels = int(cfg_get(cfg, "channels", 1))
+    if stereo and cfg_get(cfg, "interleave_stereo_codebooks.per_timestep", False):
+        raise ConversionError("unsupported audiocraft setting interleave_stereo_codebooks.per_timestep=True: only "
+                              "codebook interleaving (the released stereo models') is implemented")
+    if channels != (2 if stereo else 1):
+        raise ConversionError(f"unsupported audiocraft setting channels={channels} with interleave_stereo_codebooks."
+                              f"use={stereo}: stereo MusicGen is 2 channels through interleaved codebooks")
+    return 2 if stereo else 1
+
+
+def _pattern(cfg: Mapping, n_q: int, audio_channels: int = 1) -> dict:
     """`LMConfig` pattern fields from `codebooks_pattern` (only the sub-config of the chosen pattern counts)."""
     name = cfg_get(cfg, "codebooks_pattern.modeling", None) or cfg_get(cfg, "transformer_lm.q_modeling", None)
     if name is None:
@@ -143,7 +157,8 @@ def _pattern(cfg: Mapping, n_q: int) -> dict:
         if sub.get("flatten_first", 0) or sub.get("empty_initial", 0):
             raise ConversionError("unsupported audiocraft setting codebooks_pattern.delay.flatten_first/"
                                   "empty_initial != 0")
-        return dict(pattern="delay", pattern_delays=_unless(sub.get("delays"), range(n_q)))
+        default = [k // audio_channels for k in range(n_q)]  # stereo: both channels' codebook k delayed by k
+        return dict(pattern="delay", pattern_delays=_unless(sub.get("delays"), default))
     if name == "parallel":
         if sub.get("empty_initial", 0):
             raise ConversionError("unsupported audiocraft setting codebooks_pattern.parallel.empty_initial != 0")
@@ -162,9 +177,7 @@ def lm_config_from_audiocraft(cfg: Mapping) -> LMConfig:
     """The LM package's xp.cfg -> `LMConfig`; refuses settings mgjax's decoder does not implement, by name."""
     lm = "transformer_lm"
     _expect(cfg, "lm_model", ("transformer_lm",), "transformer_lm", "only MusicGen's transformer_lm is supported")
-    if int(cfg_get(cfg, "channels", 1)) != 1 or cfg_get(cfg, "interleave_stereo_codebooks.use", False):
-        raise ConversionError("unsupported audiocraft setting channels=2 / interleave_stereo_codebooks: stereo "
-                              "MusicGen checkpoints are not supported")
+    audio_channels = _audio_channels(cfg)
     _expect(cfg, f"{lm}.norm_first", (True,), False, "mgjax implements the pre-norm transformer (norm_first=True)")
     for name in ("bias_attn", "bias_ff", "bias_proj"):
         _expect(cfg, f"{lm}.{name}", (False,), True, "mgjax's attention, feed-forward and output layers have no "
@@ -191,7 +204,7 @@ def lm_config_from_audiocraft(cfg: Mapping) -> LMConfig:
                           num_heads=int(cfg_get(cfg, f"{lm}.num_heads")),
                           ffn_dim=int(float(cfg_get(cfg, f"{lm}.hidden_scale", 4)) * dim), num_codebooks=n_q,
                           card=int(cfg_get(cfg, f"{lm}.card")), conditioning=conditioning, layer_norm_eps=1e-5,
-                          **_pattern(cfg, n_q), **extra)
+                          audio_channels=audio_channels, **_pattern(cfg, n_q, audio_channels), **extra)
         config.validate()
         from mgjax.lm.patterns import pattern_from_config
         pattern_from_config(config)

@@ -46,10 +46,7 @@ def lm_config_from_hf(musicgen_config: Mapping[str, Any]) -> LMConfig:
         if token is not None and token != card:
             raise ConfigError(f"decoder.{name}={token}: mgjax uses token id card={card} as the special token")
     num_codebooks = int(dec.get("num_codebooks", 4))
-    delays: tuple[int, ...] = ()
-    if int(dec.get("audio_channels", 1)) == 2:
-        # stereo: codebooks interleave left/right ([L0, R0, L1, R1, ...]); each pair shares a delay
-        delays = tuple(k // 2 for k in range(num_codebooks))
+    audio_channels = int(dec.get("audio_channels", 1))  # 2: left/right codebooks interleaved, each pair one delay
     extra = {}
     if melody:
         extra = dict(num_chroma=int(top.get("num_chroma", 12)), chroma_length=int(top.get("chroma_length", 235)))
@@ -61,7 +58,7 @@ def lm_config_from_hf(musicgen_config: Mapping[str, Any]) -> LMConfig:
         num_codebooks=num_codebooks,
         card=card,
         pattern="delay",
-        pattern_delays=delays,
+        audio_channels=audio_channels,
         conditioning="prepend" if melody else "cross",
         layer_norm_eps=1e-5,  # transformers builds nn.LayerNorm with its default eps
         **extra,

@@ -388,11 +388,14 @@ def get_pattern(name: str, num_codebooks: int, **kwargs: Any) -> Pattern:
 
 def pattern_from_config(lm_config: Any) -> Pattern:
     """The pattern an `LMConfig` names: `pattern`, with `pattern_delays` / `pattern_flattening` (empty means the
-    pattern's default) and `pattern_group_size` (musiclm). Delays or flattening given to a pattern that does not
+    pattern's default; for a stereo delay pattern, each channel's codebook k delayed by k) and `pattern_group_size` (musiclm). Delays or flattening given to a pattern that does not
     take them is an error rather than silently ignored."""
     kwargs: dict[str, Any] = {}
     if lm_config.pattern_delays:
         kwargs["delays"] = lm_config.pattern_delays
+    elif lm_config.pattern == "delay" and getattr(lm_config, "audio_channels", 1) == 2:
+        # stereo: codebooks interleave left/right ([L0, R0, L1, R1, ...]); level k of both channels has delay k
+        kwargs["delays"] = tuple(k // 2 for k in range(lm_config.num_codebooks))
     if lm_config.pattern_flattening:
         kwargs["flattening"] = lm_config.pattern_flattening
     if lm_config.pattern == "musiclm":
