@@ -14,7 +14,7 @@ import sys
 import time
 
 # Constants only: mgjax.audio imports numpy and nothing heavy, so --help stays fast.
-from mgjax.audio import LOUDNESS_TARGET_LUFS, NORMALIZE_STRATEGIES  # noqa: E402
+from mgjax.audio import CONTAINERS, LOUDNESS_TARGET_LUFS, NORMALIZE_STRATEGIES  # noqa: E402
 from mgjax.runtime import DEFAULT_COMPILATION_CACHE  # noqa: E402
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mgjax", "assets", "demo")
@@ -37,8 +37,12 @@ def parse_args(argv):
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of audio per prompt (default 8)")
     parser.add_argument("--checkpoint", default=None, help=f"converted checkpoint directory (default: the shipped "
                                                            f"demo model, {os.path.relpath(DEFAULT_CHECKPOINT)})")
-    parser.add_argument("--out", default="out", help="output directory, or a .wav path when there is one prompt")
-    parser.add_argument("--format", choices=("pcm16", "float"), default="pcm16", help="wav sample format")
+    parser.add_argument("--out", default="out", help="output directory, or a file path (.wav, .flac, .ogg, .mp3) when "
+                                                     "there is one prompt")
+    parser.add_argument("--audio-format", choices=[suffix[1:] for suffix in CONTAINERS], default="wav",
+                        help="container of the files written into an --out directory (default wav)")
+    parser.add_argument("--format", choices=("pcm16", "float"), default="pcm16",
+                        help="sample format (float: wav only)")
     parser.add_argument("--normalize", choices=NORMALIZE_STRATEGIES, default="loudness",
                         help="output level, as audiocraft's audio_write: loudness (default: --loudness LUFS with a tanh "
                              "soft clip, as MusicGen's samples are written), peak (-1 dBFS), rms (-18 dBFS), clip, or "
@@ -112,19 +116,27 @@ def validate(args) -> None:
     for flag, path in (("--continue", args.continue_wav), ("--melody", args.melody)):
         if path and not os.path.isfile(path):
             raise CliError(f"{flag}: audio file {path} does not exist")
-    if args.out.endswith(".wav") and len(args.prompt) > 1:
-        raise CliError("--out names one .wav file but there are several prompts; give a directory")
+    if output_file(args.out) and len(args.prompt) > 1:
+        raise CliError("--out names one file but there are several prompts; give a directory")
+    container = os.path.splitext(args.out)[1].lower() if output_file(args.out) else "." + args.audio_format
+    if args.format == "float" and container != ".wav":
+        raise CliError(f"--format float is stored in .wav files only, not {container}")
 
 
-def output_paths(out: str, prompts: list[str | None]) -> list[str]:
-    """One wav path per prompt (None: an unconditional clip) under `out`, or `out` itself when it names a .wav."""
-    if out.endswith(".wav"):
+def output_file(out: str) -> bool:
+    """Whether `--out` names a file (its suffix is an audio container) rather than a directory."""
+    return os.path.splitext(out)[1].lower() in CONTAINERS
+
+
+def output_paths(out: str, prompts: list[str | None], suffix: str = ".wav") -> list[str]:
+    """One path per prompt (None: an unconditional clip) under `out`, or `out` itself when it names a file."""
+    if output_file(out):
         return [out]
     names = []
     for i, prompt in enumerate(prompts):
         slug = "unconditional" if prompt is None else re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48]
         slug = slug or "prompt"
-        names.append(os.path.join(out, f"{i:02d}-{slug}.wav"))
+        names.append(os.path.join(out, f"{i:02d}-{slug}{suffix}"))
     return names
 
 
@@ -173,7 +185,7 @@ def run(args) -> int:
     import numpy as np
 
     import mgjax
-    from mgjax.audio import load_audio, normalize_audio, write_wav
+    from mgjax.audio import load_audio, normalize_audio, write_audio
 
     mg = mgjax.MusicGen.load(checkpoint_dir)
     if args.int8:
@@ -191,7 +203,7 @@ def run(args) -> int:
         if mg.config.lm.conditioning != "prepend":
             raise CliError(f"--melody needs a MusicGen-melody checkpoint; {checkpoint_dir} conditions on text only")
         melody = load_audio(args.melody, mg.sample_rate, 1)
-    paths = output_paths(args.out, args.prompt)
+    paths = output_paths(args.out, args.prompt, "." + args.audio_format)
     written, audio_seconds, start = [], 0.0, time.perf_counter()
     for first in range(0, len(args.prompt), args.batch_size):
         prompts = args.prompt[first: first + args.batch_size]
@@ -208,7 +220,7 @@ def run(args) -> int:
         bar.close()
         for wav, path in zip(out.wav, paths[first: first + len(prompts)]):
             wav = normalize_audio(wav, mg.sample_rate, args.normalize, loudness_target=args.loudness)
-            written.append(write_wav(path, wav, mg.sample_rate, args.format))
+            written.append(write_audio(path, wav, mg.sample_rate, args.format))
             audio_seconds += wav.shape[-1] / mg.sample_rate
     elapsed = time.perf_counter() - start
     for path in written:

@@ -62,29 +62,60 @@ def pcm16(wav: np.ndarray) -> np.ndarray:
     return samples.astype(np.int16)
 
 
+# Containers by file suffix, as audiocraft's `audio_write` offers them: (libsndfile format, subtype for
+# `fmt='pcm16'`); only wav also stores float samples.
+CONTAINERS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS"),
+              ".mp3": ("MP3", "MPEG_LAYER_III")}
+
+
 def write_wav(path: str, wav_CxN: np.ndarray, sample_rate: int, fmt: str = "pcm16") -> str:
-    """Writes `[C, N]` audio atomically (temp file + rename); `fmt` 'pcm16' (clipped to [-1, 1], see `pcm16`) or
-    'float'."""
+    """Writes `[C, N]` audio as WAV, atomically (temp file + rename); `fmt` 'pcm16' (clipped to [-1, 1], see
+    `pcm16`) or 'float'."""
+    return _write_atomically(path, wav_CxN, sample_rate, "WAV", fmt)
+
+
+def write_audio(path: str, wav_CxN: np.ndarray, sample_rate: int, fmt: str = "pcm16") -> str:
+    """Writes `[C, N]` audio atomically in the container its suffix names (.wav, .flac, .ogg (Vorbis), .mp3);
+    `fmt` 'float' only for .wav."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in CONTAINERS:
+        raise ValueError(f"cannot write {path}: choose a file ending in {', '.join(CONTAINERS)}")
+    container, _ = CONTAINERS[suffix]
+    if fmt == "float" and container != "WAV":
+        raise ValueError(f"float samples are stored in .wav only, not {suffix}; use fmt='pcm16' there")
+    return _write_atomically(path, wav_CxN, sample_rate, container, fmt)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_atomically(path: str, wav_CxN: np.ndarray, sample_rate: int, container: str, fmt: str) -> str:
     import soundfile
 
     if fmt not in SUBTYPES:
-        raise ValueError(f"unknown wav format {fmt!r}; choose one of {', '.join(SUBTYPES)}")
+        raise ValueError(f"unknown sample format {fmt!r}; choose one of {', '.join(SUBTYPES)}")
     data = np.asarray(wav_CxN, np.float32).T
-    if fmt == "pcm16":
+    subtype = SUBTYPES[fmt] if container == "WAV" else dict(CONTAINERS.values())[container]
+    if subtype == "PCM_16":
         data = pcm16(data)
+    elif container != "WAV":  # lossy encoders take float samples; keep them within full scale
+        data = np.clip(data, -1.0, 1.0)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".wav", prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(path)[1] or ".wav", prefix=".tmp-", dir=directory)
     os.close(fd)
     try:
-        soundfile.write(tmp, data, sample_rate, subtype=SUBTYPES[fmt], format="WAV")
+        soundfile.write(tmp, data, sample_rate, subtype=subtype, format=container)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; the output gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
-
 
 
 def _biquad_clamped(x_CxN: np.ndarray, b, a) -> np.ndarray:

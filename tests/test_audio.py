@@ -2,11 +2,13 @@
 gating), audiocraft's normalisation strategies, and its pcm16 rounding."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from mgjax.audio import (LOUDNESS_TARGET_LUFS, loudness_lufs, normalize_audio, pcm16, read_audio,
-                         write_wav)
+                         write_audio, write_wav)
 
 RATE = 32000
 BLOCK, STEP = 12800, 3200  # 400 ms blocks every 100 ms at 32 kHz
@@ -80,3 +82,36 @@ def test_pcm16_rounds_as_audiocraft_and_writes_those_samples(tmp_path):
     written, rate = read_audio(path)
     assert rate == RATE and list(tmp_path.iterdir()) == [tmp_path / "out.wav"]
     np.testing.assert_array_equal(np.round(written * 2 ** 15).astype(np.int16), pcm16(wav))
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac", ".ogg", ".mp3"])
+def test_write_audio_in_the_container_its_suffix_names(tmp_path, suffix):
+    wav = (0.5 * np.sin(2 * np.pi * 440 * np.arange(RATE) / RATE) * np.array([[1.0], [0.5]])).astype(np.float32)
+    path = write_audio(str(tmp_path / f"out{suffix}"), wav, RATE)
+    import soundfile
+
+    info = soundfile.info(path)
+    assert info.format == {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".mp3": "MP3"}[suffix]
+    assert info.channels == 2 and info.samplerate == RATE
+    written, _ = read_audio(path)
+    if suffix in (".wav", ".flac"):  # lossless: the pcm16 samples themselves
+        np.testing.assert_array_equal(np.round(written * 2 ** 15).astype(np.int16), pcm16(wav))
+    else:  # lossy: the tone's level survives
+        assert abs(np.sqrt(np.mean(written[0] ** 2)) - 0.5 / np.sqrt(2)) < 0.05
+    assert os.stat(path).st_mode & 0o044 == 0o044 & ~current_umask()  # readable as any file the user writes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"out{suffix}"]  # no temp file left
+
+
+def test_write_audio_refuses_what_it_cannot_write(tmp_path):
+    wav = np.zeros((1, 100), np.float32)
+    with pytest.raises(ValueError, match=r"choose a file ending in \.wav, \.flac, \.ogg, \.mp3"):
+        write_audio(str(tmp_path / "out.aiff"), wav, RATE)
+    with pytest.raises(ValueError, match="float samples are stored in .wav only"):
+        write_audio(str(tmp_path / "out.flac"), wav, RATE, fmt="float")
+    assert list(tmp_path.iterdir()) == []
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -71,6 +71,7 @@ def test_sample_continues_an_audio_prompt(converted, tmp_path):  # with int8 LM 
     (["--continue", "/nonexistent.wav"], "does not exist"),
     (["--batch-size", "0"], "--batch-size"),
     (["--loudness", "3"], "--loudness must lie in (-70, 0) LUFS"),
+    (["--out", "x.mp3", "--format", "float"], "--format float is stored in .wav files only, not .mp3"),
     (["--prompts-file", "/nonexistent.txt"], "--prompts-file: /nonexistent.txt does not exist"),
 ])
 def test_sample_rejects_bad_arguments(converted, args, message):
@@ -83,11 +84,12 @@ def test_sample_rejects_bad_arguments(converted, args, message):
 def test_sample_reads_prompts_from_a_file_and_computes_in_bfloat16(converted, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("calm piano\n\n  happy rock with drums  \n", encoding="utf-8")
-    out = tmp_path / "wavs"
+    out = tmp_path / "clips"
     result = run("sample.py", "--checkpoint", str(converted), "--prompt", "lofi beat", "--prompts-file", str(prompts),
-                 "--duration", "0.3", "--out", str(out), "--dtype", "bfloat16", "--no-progress")
-    names = sorted(p.name for p in out.glob("*.wav"))
-    assert names == ["00-lofi-beat.wav", "01-calm-piano.wav", "02-happy-rock-with-drums.wav"], result.stdout
+                 "--duration", "0.3", "--out", str(out), "--dtype", "bfloat16", "--no-progress",
+                 "--audio-format", "flac")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["00-lofi-beat.flac", "01-calm-piano.flac", "02-happy-rock-with-drums.flac"], result.stdout
     for name in names:
         data, rate = soundfile.read(out / name)
         assert rate == 32000 and np.isfinite(data).all() and abs(len(data) - 0.3 * 32000) <= 32000 / 50

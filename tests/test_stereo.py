@@ -137,7 +137,7 @@ def test_sample_cli_writes_stereo(stereo, tmp_path):
     _, _, _, directory = stereo
     prompt = tmp_path / "intro.wav"
     soundfile.write(prompt, 0.5 * np.sin(2 * np.pi * 220 * np.arange(3200) / 32000), 32000)  # mono: duplicated
-    out = tmp_path / "stereo.wav"
+    out = tmp_path / "stereo.ogg"
     result = subprocess.run([sys.executable, "sample.py", "--checkpoint", directory, "--prompt", "calm piano",
                              "--duration", "0.3", "--continue", str(prompt), "--out", str(out), "--no-progress",
                              "--compile-cache", ""], cwd=ROOT, capture_output=True, text=True, timeout=600)
