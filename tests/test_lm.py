@@ -12,6 +12,7 @@ import transformers
 from mgjax.config import ConfigError, LMConfig
 from mgjax.convert.hf_lm import lm_config_from_hf, lm_params_from_hf
 from mgjax.lm.model import MusicGenLM, split_for_decoding
+from mgjax.lm.patterns import pattern_from_config
 from mgjax.lm.transformer import gelu_mlp, sinusoidal_positions
 
 torch.set_num_threads(1)
@@ -281,7 +282,8 @@ def test_config_from_hf_dict():
                                                   "num_codebooks": 8, "audio_channels": 2}}
     cfg = lm_config_from_hf(full)
     assert (cfg.dim, cfg.num_layers, cfg.num_heads, cfg.ffn_dim, cfg.card) == (1024, 24, 16, 4096, 2048)
-    assert cfg.pattern_delays == (0, 0, 1, 1, 2, 2, 3, 3) and cfg.conditioning == "cross"
+    assert cfg.audio_channels == 2 and cfg.pattern_delays == () and cfg.conditioning == "cross"
+    assert pattern_from_config(cfg).delays == (0, 0, 1, 1, 2, 2, 3, 3)  # stereo's default: both channels alike
     melody = lm_config_from_hf({"model_type": "musicgen_melody", "num_chroma": 12, "chroma_length": 235,
                                 "decoder": full["decoder"] | {"num_codebooks": 4, "audio_channels": 1}})
     assert melody.conditioning == "prepend" and melody.chroma_length == 235 and melody.pattern_delays == ()
