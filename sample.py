@@ -44,9 +44,9 @@ def parse_args(argv):
     parser.add_argument("--format", choices=("pcm16", "float"), default="pcm16",
                         help="sample format (float: wav only)")
     parser.add_argument("--normalize", choices=NORMALIZE_STRATEGIES, default="loudness",
-                        help="output level, as audiocraft's audio_write: loudness (default: --loudness LUFS with a tanh "
-                             "soft clip, as MusicGen's samples are written), peak (-1 dBFS), rms (-18 dBFS), clip, or "
-                             "none (the model's output as is)")
+                        help="output level, as audiocraft's audio_write: loudness (default: --loudness LUFS with a "
+                             "tanh soft clip, as MusicGen's samples are written), peak (-1 dBFS), rms (-18 dBFS), "
+                             "clip, or none (the model's output as is)")
     parser.add_argument("--loudness", type=float, default=LOUDNESS_TARGET_LUFS,
                         help=f"target loudness in LUFS for --normalize loudness (default {LOUDNESS_TARGET_LUFS:g})")
     parser.add_argument("--seed", type=int, default=0)
@@ -211,15 +211,16 @@ def run(args) -> int:
         batch_melody = None if melody is None else np.repeat(melody[None], len(prompts), axis=0)
         bar = ProgressBar(f"prompts {first + 1}-{first + len(prompts)}", not args.no_progress)
         common = dict(duration=args.duration, prompt_audio=batch_prompt_audio, top_k=args.top_k, top_p=args.top_p,
-                      temperature=args.temperature, greedy=args.greedy, seed=args.seed + first, progress=None if args.no_progress else bar,
-                      progress_every=10)
+                      temperature=args.temperature, greedy=args.greedy, seed=args.seed + first,
+                      progress=None if args.no_progress else bar, progress_every=10)
         if args.unconditional:
             out = mg.generate_unconditional(len(prompts), **common)
         else:
             out = mg.generate(prompts, melody=batch_melody, cfg_coef=args.cfg, **common)
         bar.close()
         for wav, path in zip(out.wav, paths[first: first + len(prompts)]):
-            wav = normalize_audio(wav, mg.sample_rate, args.normalize, loudness_target=args.loudness)
+            wav = normalize_audio(wav, mg.sample_rate, args.normalize, loudness_target=args.loudness,
+                                  compressor=True)
             written.append(write_audio(path, wav, mg.sample_rate, args.format))
             audio_seconds += wav.shape[-1] / mg.sample_rate
     elapsed = time.perf_counter() - start

@@ -216,7 +216,8 @@ class MusicGen:
 
     def generate(self, prompts: Sequence[str] | None = None, duration: float = 10.0, *, input_ids=None,
                  attention_mask=None, melody=None, melody_sample_rate: Optional[int] = None, prompt_audio=None,
-                 prompt_sample_rate: Optional[int] = None, top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0, cfg_coef: float = 3.0,
+                 prompt_sample_rate: Optional[int] = None, top_k: int = 250, top_p: float = 0.0,
+                 temperature: float = 1.0, cfg_coef: float = 3.0,
                  greedy: bool = False, seed: int = 0, progress: Optional[Callable[[int, int], None]] = None,
                  progress_every: int = 0) -> GenerationOutput:
         """Generates `duration` seconds for each prompt (strings, or `input_ids`/`attention_mask`).
@@ -238,7 +239,8 @@ class MusicGen:
                                                progress=progress, progress_every=progress_every)
 
     def generate_unconditional(self, num_samples: int = 1, duration: float = 10.0, *, prompt_audio=None,
-                               prompt_sample_rate: Optional[int] = None, top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0, greedy: bool = False,
+                               prompt_sample_rate: Optional[int] = None, top_k: int = 250, top_p: float = 0.0,
+                               temperature: float = 1.0, greedy: bool = False,
                                seed: int = 0, progress: Optional[Callable[[int, int], None]] = None,
                                progress_every: int = 0) -> GenerationOutput:
         """`num_samples` clips of `duration` seconds with no description: the null condition (T5 states zero, mask
@@ -257,7 +259,8 @@ class MusicGen:
 
     def _generate_from_text_states(self, cond, mask, duration: float, sampling: SamplingConfig, seed: int, *,
                                    melody=None, melody_sample_rate: Optional[int] = None, prompt_audio=None,
-                                   prompt_sample_rate: Optional[int] = None, progress=None, progress_every: int = 0) -> GenerationOutput:
+                                   prompt_sample_rate: Optional[int] = None, progress=None,
+                                   progress_every: int = 0) -> GenerationOutput:
         """`generate` from T5 states `[B, L, D]` and their mask `[B, L]` on."""
         frames = self.frames_for(duration)
         prompt_codes = self._prompt_codes(prompt_audio, prompt_sample_rate, cond.shape[0], frames)

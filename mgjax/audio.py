@@ -167,9 +167,10 @@ def loudness_lufs(wav_CxN: np.ndarray, sample_rate: int) -> float:
         return float(K_WEIGHT_BIAS + 10 * np.log10((weights[:, 0] * energy[:, gated].mean(axis=-1)).sum()))
 
 
-def normalize_audio(wav_CxN: np.ndarray, sample_rate: int, strategy: str = "loudness", *,
-                    loudness_target: float = LOUDNESS_TARGET_LUFS, compressor: bool = True) -> np.ndarray:
-    """`[C, N]` audio levelled as audiocraft's `audio_write` does, float32 within [-1, 1] (except 'none'):
+def normalize_audio(wav_CxN: np.ndarray, sample_rate: int, strategy: str = "peak", *,
+                    loudness_target: float = LOUDNESS_TARGET_LUFS, compressor: bool = False) -> np.ndarray:
+    """`[C, N]` audio levelled as audiocraft's `audio_write` does (same defaults), float32 within [-1, 1] (except
+    'none'):
     'loudness' scales to `loudness_target` LUFS (then a tanh soft clip when `compressor`; near-silence is left
     as is), 'peak' scales the peak to -1 dBFS, 'rms' the mono RMS to -18 dBFS, 'clip' clamps to -1 dBFS,
     'none' returns the audio unchanged (pcm16 writing still clips). Silence is never scaled."""

@@ -54,7 +54,7 @@ def test_normalize_strategies_as_audiocraft_writes():
     assert abs(loudness_lufs(loud, RATE) - LOUDNESS_TARGET_LUFS) < 1e-3
     assert abs(loudness_lufs(normalize_audio(wav, RATE, "loudness", loudness_target=-20.0, compressor=False), RATE)
                + 20.0) < 1e-3
-    compressed = normalize_audio(wav * 20, RATE, "loudness")
+    compressed = normalize_audio(wav * 20, RATE, "loudness", compressor=True)
     gain = 10 ** ((LOUDNESS_TARGET_LUFS - loudness_lufs(wav * 20, RATE)) / 20)
     np.testing.assert_allclose(compressed, np.tanh(wav * 20 * gain), atol=1e-6)
     assert np.abs(compressed).max() < 1
@@ -68,6 +68,7 @@ def test_normalize_strategies_as_audiocraft_writes():
     np.testing.assert_array_equal(normalize_audio(wav * 30, RATE, "none"), wav * 30)
     quiet = wav * 1e-3  # RMS under audiocraft's energy floor: loudness leaves it alone
     np.testing.assert_array_equal(normalize_audio(quiet, RATE, "loudness"), quiet)
+    np.testing.assert_array_equal(normalize_audio(wav, RATE), normalize_audio(wav, RATE, "peak"))  # audiocraft's
     for strategy in ("loudness", "peak", "rms", "clip", "none"):
         np.testing.assert_array_equal(normalize_audio(np.zeros((1, 100), np.float32), RATE, strategy), 0)
     with pytest.raises(ValueError, match="unknown normalisation 'lufs'; choose one of loudness, peak"):

@@ -388,8 +388,9 @@ def get_pattern(name: str, num_codebooks: int, **kwargs: Any) -> Pattern:
 
 def pattern_from_config(lm_config: Any) -> Pattern:
     """The pattern an `LMConfig` names: `pattern`, with `pattern_delays` / `pattern_flattening` (empty means the
-    pattern's default; for a stereo delay pattern, each channel's codebook k delayed by k) and `pattern_group_size` (musiclm). Delays or flattening given to a pattern that does not
-    take them is an error rather than silently ignored."""
+    pattern's default; for a stereo delay pattern, each channel's codebook k delayed by k) and `pattern_group_size`
+    (musiclm). Delays or flattening given to a pattern that does not take them is an error rather than silently
+    ignored."""
     kwargs: dict[str, Any] = {}
     if lm_config.pattern_delays:
         kwargs["delays"] = lm_config.pattern_delays
