@@ -64,6 +64,9 @@ def parse_args(argv):
     parser.add_argument("--unconditional", type=int, default=0, metavar="N",
                         help="generate N clips with no description (the null condition) instead of prompts")
     parser.add_argument("--batch-size", type=int, default=4, help="prompts generated together")
+    parser.add_argument("--extend-stride", type=float, default=None, metavar="SECONDS",
+                        help="past the model's window (30 s), how far each new window advances (default: the "
+                             "checkpoint's, 18 s)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="LM compute dtype (default: the checkpoint's, float32 when converted; float32 is the "
                              "exact one and the faster on a CPU, bfloat16 or float16 are for GPUs and TPUs)")
@@ -190,6 +193,8 @@ def run(args) -> int:
     mg = mgjax.MusicGen.load(checkpoint_dir)
     if args.int8:
         mg = mg.with_int8_weights()
+    if args.extend_stride is not None:
+        mg = mg.with_extend_stride(args.extend_stride)
     if args.dtype and args.dtype != mg.config.lm.compute_dtype:
         mg = mg.with_compute_dtype(args.dtype)
     prompt_audio = None

@@ -120,6 +120,17 @@ class MusicGen:
             raise ValueError(str(err)) from None
         return MusicGen(dataclasses.replace(self.config, lm=lm_config), self.params, self.tokenizer)
 
+    def with_extend_stride(self, seconds: float) -> "MusicGen":
+        """A copy whose generations past the model's window (`lm.max_duration`) advance by `seconds` per window
+        (audiocraft's `extend_stride`, 18 s for the released models): smaller strides give each window more
+        context and cost more windows. Must lie in (0, max_duration)."""
+        try:
+            lm_config = dataclasses.replace(self.config.lm, extend_stride=float(seconds))
+            lm_config.validate()
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return MusicGen(dataclasses.replace(self.config, lm=lm_config), self.params, self.tokenizer)
+
     @classmethod
     def load(cls, directory: str, mesh: Optional[jax.sharding.Mesh] = None) -> "MusicGen":
         """Loads a converted checkpoint (`python -m mgjax.convert`); refuses one whose params do not match its

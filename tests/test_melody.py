@@ -125,6 +125,18 @@ def test_memory_changing_between_windows_does_not_recompile(monkeypatch):
     assert len(windows) == 4 and sampling._generate_codes._cache_size() - before <= 2
 
 
+def test_extend_stride_sets_how_far_each_window_advances():
+    mg = long_form_model("cross").with_extend_stride(0.5)  # 2 s window: each new window keeps 1.5 s of the last
+    assert mg.window_frames() == (100, 25)
+    ids, mask = np.array([[4, 8, 15]], np.int32), np.ones((1, 3), np.int32)
+    codes, windows = mg.generate_windows(mg.encode_text(ids, mask), mask, np.zeros((1, 4, 0), np.int32), 150,
+                                         sampling.SamplingConfig(top_k=10), jax_key(2))
+    assert codes.shape == (1, 4, 150) and len(windows) == 3
+    np.testing.assert_array_equal(windows[1][:, :, :75], windows[0][:, :, 25:])
+    with pytest.raises(ValueError, match=r"lm.extend_stride=2.0 must lie in \(0, lm.max_duration=2.0\)"):
+        mg.with_extend_stride(2.0)
+
+
 def test_seventy_seconds_is_exactly_seventy_seconds():
     mg = long_form_model("cross")
     out = mg.generate(input_ids=np.array([[4, 8, 15]], np.int32), duration=70.0, top_k=10, seed=3)
