@@ -346,7 +346,8 @@ class MusicGen:
 
     def _prompt_codes(self, prompt_audio, prompt_sample_rate: Optional[int], batch: int, frames: int) -> np.ndarray:
         """Codes `[B, K, Tp]` of the audio prompt `[B, C, N]` (or mono `[B, N]`) at `prompt_sample_rate`, mixed
-        down or duplicated to the codec's channels and resampled first, as audiocraft's `generate_continuation`."""
+        down or duplicated to the model's channels (`channels`) and resampled first, as audiocraft's
+        `generate_continuation`."""
         if prompt_audio is None:
             return np.zeros((batch, self.config.lm.num_codebooks, 0), np.int32)
         audio = np.asarray(prompt_audio, np.float32)
