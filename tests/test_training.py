@@ -13,7 +13,7 @@ import pytest
 from mgjax import checkpoint, sharding, training
 from mgjax.config import load_config
 from mgjax.data import SyntheticDataset
-from mgjax.lm.patterns import PATTERNS
+from mgjax.lm.patterns import PATTERNS, pattern_from_config
 
 from helpers_scripts import load_script  # noqa: E402
 
@@ -97,6 +97,16 @@ def test_every_pattern_trains_through_the_same_path(mesh, name):
     assert all(np.isfinite(losses))
     assert np.mean(losses[-2:]) < losses[0] - 0.05, losses
     assert {x.dtype for x in jax.tree.leaves(trainer.state.params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_stereo_model_trains_with_its_interleaved_delays(mesh):
+    """A stereo LM (8 codebooks, left/right interleaved, both channels' level k delayed by k) trains through the
+    same path; its pattern is the stereo delay pattern."""
+    config = tiny("lm.audio_channels=2", "lm.num_codebooks=8")
+    assert pattern_from_config(config.lm).delays == (0, 0, 1, 1, 2, 2, 3, 3)
+    trainer = training.Trainer.create(config, mesh)
+    losses = training.fit(trainer, synthetic(config))
+    assert all(np.isfinite(losses)) and np.mean(losses[-2:]) < losses[0] - 0.05, losses
 
 
 def test_grad_accumulation_matches_one_big_batch(mesh):
