@@ -317,6 +317,27 @@ def test_foreign_and_incomplete_directories(sources, tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_hub_cache_folder_stands_for_its_snapshot(sources, converted, tmp_path):
+    """`models--org--name` as huggingface_hub caches it (snapshots/<revision>/ of links to blobs/) converts as its
+    one snapshot; with two snapshots the error lists them."""
+    hf_dir, _, _ = sources
+    mg_hf, _, _ = converted
+    cache = tmp_path / "models--facebook--musicgen-tiny"
+    (cache / "blobs").mkdir(parents=True)
+    (cache / "refs").mkdir()
+    snapshot = cache / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for name in os.listdir(hf_dir):
+        os.symlink(os.path.join(hf_dir, name), snapshot / name)
+    out = mgjax.convert_checkpoint(str(cache), str(tmp_path / "out"))
+    from_cache = mgjax.MusicGen.load(out)
+    assert from_cache.config == mg_hf.config
+    assert_same_params(from_cache.params, mg_hf.params)
+    (cache / "snapshots" / "4567efgh").mkdir()
+    with pytest.raises(ConversionError, match="hub cache with 2 snapshots \\(0123abcd, 4567efgh\\); pass one"):
+        mgjax.convert_checkpoint(str(cache), str(tmp_path / "out2"))
+
+
 def test_pretrained_codec_reference_and_omegaconf_cfg_are_explained(sources, tmp_path):
     _, ac_dir, t5_dir = sources
     src = tmp_path / "src"

@@ -18,6 +18,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json", "vocab.json", "merges.txt")
 
 
+def resolve_hub_cache(src_dir: str) -> str:
+    """A Hugging Face hub cache folder (`models--facebook--musicgen-small`, as `huggingface_hub` downloads into)
+    -> its one snapshot directory; any other directory as it is. Several snapshots: an error listing them."""
+    snapshots = os.path.join(src_dir, "snapshots")
+    if not os.path.isdir(snapshots) or os.path.exists(os.path.join(src_dir, "config.json")):
+        return src_dir
+    revisions = sorted(name for name in os.listdir(snapshots) if os.path.isdir(os.path.join(snapshots, name)))
+    if len(revisions) == 1:
+        return os.path.join(snapshots, revisions[0])
+    example = os.path.join(snapshots, revisions[0]) if revisions else snapshots
+    raise ConversionError(f"{src_dir} is a hub cache with {len(revisions)} snapshots "
+                          f"({', '.join(revisions) or 'none'}); pass one of them, e.g. {example}")
+
+
 def detect_format(src_dir: str) -> str:
     """'transformers' or 'audiocraft', or a `ConversionError` saying what the directory lacks."""
     if not os.path.isdir(src_dir):
@@ -63,9 +77,12 @@ def _convert_transformers(src_dir: str, dst_dir: str, overwrite: bool) -> str:
 def convert_checkpoint(src_dir: str, dst_dir: str, *, t5_dir: str | None = None, overwrite: bool = False) -> str:
     """Converts a PyTorch checkpoint directory into an mgjax checkpoint at `dst_dir`; returns its absolute path.
 
-    The output is written to a temporary directory and renamed, so a failed conversion leaves nothing behind.
+    The output is written to a temporary directory and renamed, so a failed conversion leaves nothing behind. A
+    Hugging Face hub cache folder (`models--org--name`) stands for its one snapshot.
     `t5_dir`: a transformers T5 directory, needed for audiocraft checkpoints (they do not hold the T5 weights).
     """
+    if os.path.isdir(src_dir):
+        src_dir = resolve_hub_cache(src_dir)
     fmt = detect_format(src_dir)
     if os.path.abspath(src_dir) == os.path.abspath(dst_dir):
         raise ConversionError("the output directory must differ from the source directory")
