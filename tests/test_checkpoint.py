@@ -134,6 +134,12 @@ for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(plain.params)):
 ids = np.array([[3, 5, 7, 1], [4, 2, 1, 0]]); mask = (ids > 0).astype(np.int32)
 kwargs = dict(input_ids=ids, attention_mask=mask, duration=6 / plain.frame_rate, greedy=True)
 np.testing.assert_array_equal(sharded.generate(**kwargs).codes, plain.generate(**kwargs).codes)
+# and in calls of a few steps with the KV cache donated between them (the progress path), sampling with top-k
+seen = []
+kwargs = dict(kwargs, greedy=False, top_k=5, seed=3)
+reported = sharded.generate(**kwargs, progress=lambda step, total: seen.append(step), progress_every=3)
+np.testing.assert_array_equal(reported.codes, plain.generate(**kwargs).codes)
+assert seen[:-1] == list(range(3, seen[-1], 3)) and seen[-1] == 6 + plain.config.lm.num_codebooks - 1, seen
 print("OK")
 """
 
