@@ -75,15 +75,17 @@ def test_round_trip_through_transformers(name, tmp_path):
     assert np.abs(audio - ref_audio).max() <= 1e-5
 
 
-def test_what_transformers_cannot_hold_is_refused(tmp_path):
-    config = load_config("tiny", ["lm.pattern=parallel"])
+@pytest.mark.parametrize("override, message", [("lm.pattern=parallel", "only knows the delay pattern"),
+                                               ("codec.lstm_layers=0", "EnCodec always has an LSTM")])
+def test_what_transformers_cannot_hold_is_refused(tmp_path, override, message):
+    config = load_config("tiny", [override])
     model = mgjax.MusicGen.from_config(config, seed=0)
     from mgjax import checkpoint
     from mgjax.config import to_dict
-    ckpt = checkpoint.save(str(tmp_path / "parallel"), "musicgen", to_dict(config), model.params)
-    with pytest.raises(ConversionError, match="only knows the delay pattern"):
+    ckpt = checkpoint.save(str(tmp_path / "model"), "musicgen", to_dict(config), model.params)
+    with pytest.raises(ConversionError, match=message):
         export_transformers(ckpt, str(tmp_path / "out"))
-    assert not os.path.exists(tmp_path / "out") and [p.name for p in tmp_path.iterdir()] == ["parallel"]
+    assert not os.path.exists(tmp_path / "out") and [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
 def test_cli_writes_and_refuses_to_overwrite(tmp_path):

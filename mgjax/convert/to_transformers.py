@@ -103,6 +103,8 @@ def check_exportable(config: MusicGenConfig, lm_params: Mapping[str, Any]) -> No
                               f"this model uses lm.pattern={lm.pattern!r} {lm.pattern_delays or ''}")
     if lm.layer_norm_eps != 1e-5:
         raise ConversionError(f"transformers MusicGen uses LayerNorm eps 1e-5; lm.layer_norm_eps={lm.layer_norm_eps}")
+    if config.codec.lstm_layers < 1:
+        raise ConversionError("transformers' EnCodec always has an LSTM; this codec has codec.lstm_layers=0")
     if lm.weight_format != "float32":
         raise ConversionError("export the float32 model (int8 weights are an in-memory sampling format)")
     if config.text.d_model == lm.dim:
