@@ -299,3 +299,15 @@ def test_pretrained_checkpoint_supplies_t5_and_finetuned_lm(mesh, tmp_path):
     assert max_abs_diff(tuned.state.params["lm"], lm) == 0 and max_abs_diff(tuned.state.ema["lm"], lm) == 0
     losses = training.fit(tuned, synthetic(base), until=1)
     assert np.isfinite(losses[0])
+
+
+def test_every_musicgen_recipe_in_configs_loads():
+    """Each MusicGen YAML in configs/ (train_codec.py's, with a codec_train section, aside) is a valid config; the
+    stereo fine-tuning recipe is stereo with its interleaved delays."""
+    names = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "configs"))
+                   if f.endswith(".yaml") and "codec_train" not in open(os.path.join(ROOT, "configs", f)).read())
+    assert {"musicgen-small", "train-small", "train-stereo-small", "train-tiny"} <= set(names)
+    configs = {name: load_config(name) for name in names}
+    stereo = configs["train-stereo-small"]
+    assert stereo.lm.audio_channels == 2 and stereo.train.finetune
+    assert pattern_from_config(stereo.lm).delays == (0, 0, 1, 1, 2, 2, 3, 3)
