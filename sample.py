@@ -176,6 +176,25 @@ class ProgressBar:
             sys.stderr.flush()
 
 
+def load_model(checkpoint_dir: str):
+    """An mgjax checkpoint, or a transformers MusicGen directory (or hub cache folder) converted in memory."""
+    import mgjax
+    from mgjax.checkpoint import META_FILE
+    from mgjax.convert import detect_format, resolve_hub_cache
+
+    if os.path.isfile(os.path.join(checkpoint_dir, META_FILE)):
+        return mgjax.MusicGen.load(checkpoint_dir)
+    try:
+        transformers_dir = detect_format(resolve_hub_cache(checkpoint_dir)) == "transformers"
+    except ValueError:  # not a checkpoint of any kind we read (ConversionError): MusicGen.load says what it is not
+        transformers_dir = False
+    if not transformers_dir:
+        return mgjax.MusicGen.load(checkpoint_dir)
+    print(f"converting the transformers checkpoint {checkpoint_dir} in memory (to skip this on every run: "
+          f"python -m mgjax.convert {checkpoint_dir} DST, then --checkpoint DST)", file=sys.stderr)
+    return mgjax.MusicGen.from_transformers(checkpoint_dir)
+
+
 def run(args) -> int:
     validate(args)
     checkpoint_dir = args.checkpoint or DEFAULT_CHECKPOINT
@@ -190,7 +209,7 @@ def run(args) -> int:
     import mgjax
     from mgjax.audio import load_audio, normalize_audio, write_audio
 
-    mg = mgjax.MusicGen.load(checkpoint_dir)
+    mg = load_model(checkpoint_dir)
     if args.int8:
         mg = mg.with_int8_weights()
     if args.extend_stride is not None:

@@ -153,6 +153,18 @@ class MusicGen:
             tokenizer = load_tokenizer(tokenizer_dir)
         return cls(config, params, tokenizer)
 
+    @classmethod
+    def from_transformers(cls, src_dir: str) -> "MusicGen":
+        """A transformers MusicGen(-melody) directory (`save_pretrained`, or a hub cache folder) converted in memory,
+        nothing written: the same params `python -m mgjax.convert` would store (converting once and `load`ing the
+        checkpoint is quicker for repeated use)."""
+        from mgjax.convert import read_transformers_musicgen, resolve_hub_cache
+        from mgjax.text.tokenizer import load_tokenizer
+
+        config, params, has_tokenizer = read_transformers_musicgen(src_dir)
+        tokenizer = load_tokenizer(resolve_hub_cache(src_dir)) if has_tokenizer else None
+        return cls(config, jax.tree.map(jnp.asarray, params), tokenizer)
+
     # --- properties ---------------------------------------------------------------------------------------------
     @property
     def sample_rate(self) -> int:

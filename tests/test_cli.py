@@ -134,6 +134,23 @@ def test_sample_refuses_an_empty_prompts_file_and_no_prompt(converted, tmp_path)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_sample_reads_a_transformers_directory_directly(tmp_path):
+    """`--checkpoint` may name a transformers MusicGen directory: converted in memory, the same audio as from its
+    converted checkpoint."""
+    src = tmp_path / "hf"
+    musicgen(DECODER, seed=6).save_pretrained(src)
+    build_test_tokenizer(str(src))
+    ckpt = tmp_path / "ckpt"
+    run("-m", "mgjax.convert", str(src), str(ckpt))
+    outputs = {}
+    for name, directory in (("direct", src), ("converted", ckpt)):
+        result = run("sample.py", "--checkpoint", str(directory), "--prompt", "calm piano", "--duration", "0.3",
+                     "--out", str(tmp_path / f"{name}.wav"), "--no-progress", "--compile-cache", "")
+        outputs[name] = (tmp_path / f"{name}.wav").read_bytes()
+        assert ("converting the transformers checkpoint" in result.stderr) == (name == "direct")
+    assert outputs["direct"] == outputs["converted"]
+
+
 def test_sample_refuses_a_missing_or_foreign_checkpoint(tmp_path):
     result = run("sample.py", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", check=False)
     assert result.returncode != 0 and "does not exist" in result.stderr and "Traceback" not in result.stderr

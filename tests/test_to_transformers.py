@@ -59,6 +59,12 @@ def test_round_trip_through_transformers(name, tmp_path):
 
     again = mgjax.MusicGen.load(mgjax.convert_checkpoint(exported, str(tmp_path / "mg2")))
     first = mgjax.MusicGen.load(ckpt)
+    in_memory = mgjax.MusicGen.from_transformers(str(tmp_path / "hf"))  # the conversion without writing it
+    assert in_memory.config == first.config and in_memory.tokenizer is not None
+    flat_memory, flat_first = jax.tree.leaves(in_memory.params), jax.tree.leaves(first.params)
+    assert len(flat_memory) == len(flat_first)
+    for a, b in zip(flat_memory, flat_first):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert again.config == first.config
     assert_same_params(again.params, first.params)
 

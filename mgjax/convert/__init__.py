@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from mgjax import checkpoint
 from mgjax.config import to_dict
@@ -72,6 +73,21 @@ def _convert_transformers(src_dir: str, dst_dir: str, overwrite: bool) -> str:
                                overwrite=overwrite)
     raise ConversionError(f"{src_dir}/config.json has model_type={model_type!r}; supported: 'encodec', "
                           f"'musicgen', 'musicgen_melody'")
+
+
+def read_transformers_musicgen(src_dir: str) -> tuple[Any, dict, bool]:
+    """`(MusicGenConfig, numpy params, has tokenizer files)` of a transformers MusicGen(-melody) directory (or hub
+    cache folder), converted in memory: what `convert_checkpoint` would write, without writing it."""
+    src_dir = resolve_hub_cache(src_dir) if os.path.isdir(src_dir) else src_dir
+    if detect_format(src_dir) != "transformers":
+        raise ConversionError(f"{src_dir} is an audiocraft checkpoint: convert it once with `python -m mgjax.convert "
+                              f"{src_dir} DST --t5 T5_DIR` (its T5 weights live elsewhere)")
+    config = read_json(os.path.join(src_dir, "config.json"))
+    if config.get("model_type") not in ("musicgen", "musicgen_melody"):
+        raise ConversionError(f"{src_dir}/config.json has model_type={config.get('model_type')!r}, not a MusicGen")
+    from mgjax.convert.hf import convert_musicgen
+    model_config, params = convert_musicgen(config, load_transformers_state_dict(src_dir))
+    return model_config, params, any(os.path.isfile(os.path.join(src_dir, n)) for n in TOKENIZER_FILES)
 
 
 def convert_checkpoint(src_dir: str, dst_dir: str, *, t5_dir: str | None = None, overwrite: bool = False) -> str:
