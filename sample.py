@@ -167,7 +167,9 @@ class ProgressBar:
         filled = int(width * step / max(total, 1))
         done, elapsed = step - self.origin[0], now - self.origin[1]
         rate = f"{done / elapsed:.1f} steps/s" if done and elapsed > 0 else "..."
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {step}/{total} steps {rate}")
+        if done and elapsed > 0 and step < total:
+            rate += f", {(total - step) * elapsed / done:.0f} s left"
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {step}/{total} steps {rate}  ")
         sys.stderr.flush()
 
     def close(self) -> None:

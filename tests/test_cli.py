@@ -188,7 +188,8 @@ def test_progress_bar_restarts_its_rate_for_each_window(monkeypatch, capsys):
     bar.close()
     lines = [line.split("\r")[-1] for line in capsys.readouterr().err.strip().split("\n")]
     assert len(lines) == 2
-    assert lines[0].endswith("30/30 steps 10.0 steps/s") and lines[1].endswith("20/30 steps 10.0 steps/s")
+    assert lines[0].rstrip().endswith("30/30 steps 10.0 steps/s")
+    assert lines[1].rstrip().endswith("20/30 steps 10.0 steps/s, 1 s left")  # 10 steps to go at 10 steps/s
 
 
 def test_bench_train_threads_pins_the_process_and_refuses_an_impossible_count():
