@@ -32,6 +32,11 @@ AUDIOCRAFT = CodecKeyStyle(layer="{part}.model.{i}", conv=".conv.conv", convtr="
                            shortcut=".shortcut.conv.conv", codebook="quantizer.vq.layers.{q}._codebook.embed")
 
 
+def hf_num_quantizers(bandwidth_kbps: float, frame_rate: int, codebook_size: int) -> int:
+    """transformers' `EncodecConfig.num_quantizers`: as many as the largest target bandwidth allows."""
+    return int(1000 * bandwidth_kbps // (frame_rate * math.ceil(math.log2(codebook_size))))
+
+
 def codec_config_from_hf(cfg: Mapping) -> CodecConfig:
     """A transformers `EncodecConfig` dict -> `CodecConfig`; refuses settings this port does not implement."""
     if cfg.get("norm_type", "weight_norm") != "weight_norm":
@@ -48,7 +53,7 @@ def codec_config_from_hf(cfg: Mapping) -> CodecConfig:
     frame_rate = math.ceil(sample_rate / math.prod(ratios))
     bandwidths = cfg.get("target_bandwidths") or (1.5, 3.0, 6.0, 12.0, 24.0)
     # transformers decodes with every quantizer it has, and has as many as the largest bandwidth allows.
-    n_q = int(1000 * bandwidths[-1] // (frame_rate * math.ceil(math.log2(codebook_size))))
+    n_q = hf_num_quantizers(bandwidths[-1], frame_rate, codebook_size)
     hidden = int(cfg.get("hidden_size", 128))
     codebook_dim = int(cfg.get("codebook_dim") or hidden)
     return CodecConfig(

@@ -14,18 +14,13 @@ import numpy as np
 
 from mgjax.codec.seanet import decoder_plan, encoder_plan
 from mgjax.config import CodecConfig
-from mgjax.convert.encodec_weights import TRANSFORMERS
+from mgjax.convert.encodec_weights import TRANSFORMERS, hf_num_quantizers
 from mgjax.convert.io import ConversionError
 
 # Names of torch.nn.utils.parametrizations.weight_norm, used by transformers 5.x (legacy weight_g/weight_v
 # checkpoints are renamed to these by torch on load).
 WEIGHT_G = ".parametrizations.weight.original0"
 WEIGHT_V = ".parametrizations.weight.original1"
-
-
-def _num_quantizers(bandwidth: float, frame_rate: int, nbits: int) -> int:
-    """transformers' `EncodecConfig.num_quantizers` for a largest target bandwidth (kbps)."""
-    return int(1000 * bandwidth // (frame_rate * nbits))
 
 
 def codec_config_to_hf(cfg: CodecConfig) -> dict:
@@ -36,7 +31,7 @@ def codec_config_to_hf(cfg: CodecConfig) -> dict:
     frame_rate = math.ceil(cfg.sample_rate / cfg.hop_length)
     nbits = math.ceil(math.log2(cfg.codebook_size))
     bandwidth = cfg.n_q * frame_rate * nbits / 1000
-    while _num_quantizers(bandwidth, frame_rate, nbits) < cfg.n_q:  # float rounding of the kbps value
+    while hf_num_quantizers(bandwidth, frame_rate, cfg.codebook_size) < cfg.n_q:  # float rounding of the kbps value
         bandwidth = math.nextafter(bandwidth, math.inf)
     return dict(
         target_bandwidths=[bandwidth], sampling_rate=cfg.sample_rate, audio_channels=cfg.channels,
