@@ -113,19 +113,18 @@ class MusicGen:
         """A copy whose LM computes in `dtype` ('float32', 'bfloat16' or 'float16'; `lm.compute_dtype`), params
         kept as stored and cast per use. The half-precision dtypes are for GPUs and TPUs (half the activation and
         KV-cache bytes); float32 is the exact-parity path and, on a CPU, the faster one."""
-        try:
-            lm_config = dataclasses.replace(self.config.lm, compute_dtype=str(dtype))
-            lm_config.validate()
-        except ConfigError as err:
-            raise ValueError(str(err)) from None
-        return MusicGen(dataclasses.replace(self.config, lm=lm_config), self.params, self.tokenizer)
+        return self._with_lm_settings(compute_dtype=str(dtype))
 
     def with_extend_stride(self, seconds: float) -> "MusicGen":
         """A copy whose generations past the model's window (`lm.max_duration`) advance by `seconds` per window
         (audiocraft's `extend_stride`, 18 s for the released models): smaller strides give each window more
         context and cost more windows. Must lie in (0, max_duration)."""
+        return self._with_lm_settings(extend_stride=float(seconds))
+
+    def _with_lm_settings(self, **changes) -> "MusicGen":
+        """A copy with `changes` to `config.lm` (same params and tokenizer); a ValueError naming a bad setting."""
         try:
-            lm_config = dataclasses.replace(self.config.lm, extend_stride=float(seconds))
+            lm_config = dataclasses.replace(self.config.lm, **changes)
             lm_config.validate()
         except ConfigError as err:
             raise ValueError(str(err)) from None

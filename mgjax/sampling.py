@@ -199,7 +199,8 @@ def generate_codes(lm_params, cond: Array, cond_mask: Array, key: Array, prompt_
     first, num_steps = _step_range(lm_config, frames, prompt_codes.shape[-1])
     for done in range(0, num_steps - first, progress_every):
         seq, cache = _advance(lm_params, layer_params, seq, cache, key, jnp.int32(first + done), *traced,
-                              steps=progress_every, prompt_frames=prompt_codes.shape[-1], **statics)
+                              lm_config=lm_config, frames=frames, shape=statics["shape"], steps=progress_every,
+                              prompt_frames=prompt_codes.shape[-1])
         jax.block_until_ready(seq)
         report(min(done + progress_every, num_steps - first), num_steps - first)
     return _finish(seq, lm_config=lm_config, frames=frames)
@@ -295,13 +296,12 @@ def _start_generation(lm_params, cond, cond_mask, prompt_codes, chroma, *, lm_co
                     use_cfg=shape.use_cfg, split_layers=split_layers)
 
 
-@functools.partial(jax.jit, static_argnames=("lm_config", "frames", "shape", "split_layers", "steps",
-                                             "prompt_frames"), donate_argnames=("seq", "cache"))
+@functools.partial(jax.jit, static_argnames=("lm_config", "frames", "shape", "steps", "prompt_frames"),
+                   donate_argnames=("seq", "cache"))
 def _advance(lm_params, layer_params, seq, cache, key, first_step, cfg_coef, temperature, top_p, *,
-             lm_config: LMConfig, frames: int, shape: _LoopShape, split_layers: bool, steps: int,
-             prompt_frames: int):
-    """Steps `first_step .. first_step + steps - 1` of the generation (those past its last step do nothing)."""
-    del split_layers  # layer_params is None or not: part of the signature, so part of the cache key
+             lm_config: LMConfig, frames: int, shape: _LoopShape, steps: int, prompt_frames: int):
+    """Steps `first_step .. first_step + steps - 1` of the generation (those past its last step do nothing);
+    `layer_params` None decodes on the stacked weights, per-layer params on the split ones."""
     lm = MusicGenLM(lm_config)
     writable, _, _ = write_masks(pattern_from_config(lm_config), frames, prompt_frames)
     step = _decoding_step(lm, lm_params, layer_params, jnp.asarray(writable), key, shape, cfg_coef, temperature,
