@@ -157,11 +157,12 @@ class MusicGen:
         """A transformers MusicGen(-melody) directory (`save_pretrained`, or a hub cache folder) converted in memory,
         nothing written: the same params `python -m mgjax.convert` would store (converting once and `load`ing the
         checkpoint is quicker for repeated use)."""
-        from mgjax.convert import read_transformers_musicgen, resolve_hub_cache
+        from mgjax.convert import TOKENIZER_FILES, read_transformers_musicgen
         from mgjax.text.tokenizer import load_tokenizer
 
-        config, params, has_tokenizer = read_transformers_musicgen(src_dir)
-        tokenizer = load_tokenizer(resolve_hub_cache(src_dir)) if has_tokenizer else None
+        config, params, directory = read_transformers_musicgen(src_dir)
+        has_tokenizer = any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES)
+        tokenizer = load_tokenizer(directory) if has_tokenizer else None
         return cls(config, jax.tree.map(jnp.asarray, params), tokenizer)
 
     # --- properties ---------------------------------------------------------------------------------------------

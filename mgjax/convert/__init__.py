@@ -75,9 +75,10 @@ def _convert_transformers(src_dir: str, dst_dir: str, overwrite: bool) -> str:
                           f"'musicgen', 'musicgen_melody'")
 
 
-def read_transformers_musicgen(src_dir: str) -> tuple[Any, dict, bool]:
-    """`(MusicGenConfig, numpy params, has tokenizer files)` of a transformers MusicGen(-melody) directory (or hub
-    cache folder), converted in memory: what `convert_checkpoint` would write, without writing it."""
+def read_transformers_musicgen(src_dir: str) -> tuple[Any, dict, str]:
+    """`(MusicGenConfig, numpy params, the directory read)` of a transformers MusicGen(-melody) directory (or hub
+    cache folder: the directory read is its snapshot), converted in memory: what `convert_checkpoint` would write,
+    without writing it."""
     src_dir = resolve_hub_cache(src_dir) if os.path.isdir(src_dir) else src_dir
     if detect_format(src_dir) != "transformers":
         raise ConversionError(f"{src_dir} is an audiocraft checkpoint: convert it once with `python -m mgjax.convert "
@@ -87,7 +88,7 @@ def read_transformers_musicgen(src_dir: str) -> tuple[Any, dict, bool]:
         raise ConversionError(f"{src_dir}/config.json has model_type={config.get('model_type')!r}, not a MusicGen")
     from mgjax.convert.hf import convert_musicgen
     model_config, params = convert_musicgen(config, load_transformers_state_dict(src_dir))
-    return model_config, params, any(os.path.isfile(os.path.join(src_dir, n)) for n in TOKENIZER_FILES)
+    return model_config, params, src_dir
 
 
 def convert_checkpoint(src_dir: str, dst_dir: str, *, t5_dir: str | None = None, overwrite: bool = False) -> str:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from mgjax import checkpoint
@@ -62,10 +63,10 @@ def lm_state_from_params(params: Mapping[str, Any], cfg: LMConfig, *, with_text_
                          ) -> dict[str, np.ndarray]:
     """`MusicGenLM(cfg)` params -> the decoder part of a transformers MusicGen state dict (the inverse of
     `hf_lm.lm_params_from_hf`). `with_text_projection=False` leaves out `enc_to_dec_proj` (equal widths)."""
-    params = _to_numpy(params)
+    params = jax.tree.map(np.asarray, params)  # to the host once, not once per layer
     state = {f"{DECODER}embed_tokens.{k}.weight": params["embed"]["embedding"][k] for k in range(cfg.num_codebooks)}
     for n in range(cfg.num_layers):
-        layer = _index_tree(params["layers"], n)
+        layer = jax.tree.map(lambda stacked: stacked[n], params["layers"])
         state.update(_layer_state(layer, cfg, n))
     state[f"{DECODER}layer_norm.weight"] = params["final_norm"]["scale"]
     state[f"{DECODER}layer_norm.bias"] = params["final_norm"]["bias"]
@@ -78,18 +79,6 @@ def lm_state_from_params(params: Mapping[str, Any], cfg: LMConfig, *, with_text_
         state["audio_enc_to_dec_proj.weight"] = _torch_linear(params["audio_enc_to_dec_proj"]["kernel"])
         state["audio_enc_to_dec_proj.bias"] = params["audio_enc_to_dec_proj"]["bias"]
     return {key: np.ascontiguousarray(value, np.float32) for key, value in state.items()}
-
-
-def _to_numpy(tree: Any) -> Any:
-    if isinstance(tree, Mapping):
-        return {key: _to_numpy(value) for key, value in tree.items()}
-    return np.asarray(tree, np.float32)
-
-
-def _index_tree(tree: Any, n: int) -> Any:
-    if isinstance(tree, Mapping):
-        return {key: _index_tree(value, n) for key, value in tree.items()}
-    return tree[n]
 
 
 def check_exportable(config: MusicGenConfig, lm_params: Mapping[str, Any]) -> None:
@@ -145,8 +134,8 @@ def musicgen_state_from_params(config: MusicGenConfig, params: Mapping[str, Any]
     """The whole transformers MusicGen state dict: decoder, text encoder, codec."""
     check_exportable(config, params["lm"])
     state = lm_state_from_params(params["lm"], config.lm, with_text_projection=config.text.d_model != config.lm.dim)
-    state.update(t5_state_from_params(_to_numpy(params["text"]), config.text, prefix="text_encoder."))
-    state.update(codec_state_from_params(_to_numpy(params["codec"]), config.codec, prefix="audio_encoder."))
+    state.update(t5_state_from_params(params["text"], config.text, prefix="text_encoder."))
+    state.update(codec_state_from_params(params["codec"], config.codec, prefix="audio_encoder."))
     return state
 
 
