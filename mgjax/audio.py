@@ -71,7 +71,7 @@ CONTAINERS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("
 def write_wav(path: str, wav_CxN: np.ndarray, sample_rate: int, fmt: str = "pcm16") -> str:
     """Writes `[C, N]` audio as WAV, atomically (temp file + rename); `fmt` 'pcm16' (clipped to [-1, 1], see
     `pcm16`) or 'float'."""
-    return _write_atomically(path, wav_CxN, sample_rate, "WAV", fmt)
+    return _write_atomically(path, wav_CxN, sample_rate, "WAV", _wav_subtype(fmt))
 
 
 def write_audio(path: str, wav_CxN: np.ndarray, sample_rate: int, fmt: str = "pcm16") -> str:
@@ -80,10 +80,17 @@ def write_audio(path: str, wav_CxN: np.ndarray, sample_rate: int, fmt: str = "pc
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in CONTAINERS:
         raise ValueError(f"cannot write {path}: choose a file ending in {', '.join(CONTAINERS)}")
-    container, _ = CONTAINERS[suffix]
+    container, subtype = CONTAINERS[suffix]
     if fmt == "float" and container != "WAV":
         raise ValueError(f"float samples are stored in .wav only, not {suffix}; use fmt='pcm16' there")
-    return _write_atomically(path, wav_CxN, sample_rate, container, fmt)
+    wav_subtype = _wav_subtype(fmt)
+    return _write_atomically(path, wav_CxN, sample_rate, container, wav_subtype if container == "WAV" else subtype)
+
+
+def _wav_subtype(fmt: str) -> str:
+    if fmt not in SUBTYPES:
+        raise ValueError(f"unknown sample format {fmt!r}; choose one of {', '.join(SUBTYPES)}")
+    return SUBTYPES[fmt]
 
 
 def _umask() -> int:
@@ -92,13 +99,10 @@ def _umask() -> int:
     return mask
 
 
-def _write_atomically(path: str, wav_CxN: np.ndarray, sample_rate: int, container: str, fmt: str) -> str:
+def _write_atomically(path: str, wav_CxN: np.ndarray, sample_rate: int, container: str, subtype: str) -> str:
     import soundfile
 
-    if fmt not in SUBTYPES:
-        raise ValueError(f"unknown sample format {fmt!r}; choose one of {', '.join(SUBTYPES)}")
     data = np.asarray(wav_CxN, np.float32).T
-    subtype = SUBTYPES[fmt] if container == "WAV" else dict(CONTAINERS.values())[container]
     if subtype == "PCM_16":
         data = pcm16(data)
     elif container != "WAV":  # lossy encoders take float samples; keep them within full scale
