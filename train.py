@@ -201,12 +201,15 @@ def train_run(config: Any, *, synthetic: bool = False, steps: int | None = None,
               quiet: bool = False, checkpoints: bool = True) -> dict:
     """One training run -> {'losses', 'valid_loss', 'trainer', 'valid_batch', 'codec'} ('codec': the one the audio
     was encoded with, None for synthetic codes); resumes from <output_dir>/checkpoints."""
+    import jax
+
     from mgjax import checkpoint, config as config_lib, training
 
     mesh = setup(config)
     train = config.train
     os.makedirs(train.output_dir, exist_ok=True)
-    config_lib.save_config(config, os.path.join(train.output_dir, "config.yaml"))
+    if jax.process_index() == 0:  # hosts share output_dir: one writer, no torn file
+        config_lib.save_config(config, os.path.join(train.output_dir, "config.yaml"))
     dataset, valid, codec = make_datasets(config, synthetic)
     ckpt_dir = os.path.join(train.output_dir, "checkpoints")
     if fresh and os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):

@@ -104,7 +104,8 @@ def compile_seconds(mg, ids, mask, frames: int) -> float:
     sampling._generate_codes.lower(mg.params["lm"], cond, jnp.asarray(mask), jax.random.key(0), prompt, None,
                                    jnp.float32(3.0), jnp.float32(1.0), jnp.float32(0.0), lm_config=mg.config.lm,
                                    frames=frames, shape=shape,
-                                   split_layers=sampling.split_layers_by_default(mg.params["lm"])).compile()
+                                   split_layers=sampling.split_layers_by_default(mg.params["lm"],
+                                                                                 mg.config.lm.kernels)).compile()
     return time.perf_counter() - start
 
 

@@ -312,7 +312,7 @@ class MusicGen:
         window, stride = self.window_frames()
         window = min(window, frames)
         # Decided once: a flip between windows (available memory changing) would recompile the window program.
-        split_layers = split_layers_by_default(self.params["lm"])
+        split_layers = split_layers_by_default(self.params["lm"], self.config.lm.kernels)
         pieces, windows = [prompt_codes], []
         prompt = prompt_codes
         for start, _ in window_plan(frames, window, stride, prompt_codes.shape[-1]):

@@ -18,6 +18,11 @@ class ConfigError(ValueError):
     """A configuration file or override that does not map onto the dataclasses."""
 
 
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "pallas", "pallas_interpret", "cudnn")
+KERNELS = ("auto", "cpu", "plain")
+
+
 @dataclasses.dataclass(frozen=True)
 class CodecConfig:
     """EnCodec (SEANet encoder/decoder + residual VQ). Defaults: the 32 kHz codec of the released MusicGen models."""
@@ -115,6 +120,16 @@ class LMConfig:
     # -> int32 with per-row activation scales (a sampling-speed option; `quantize_lm_params` converts float params).
     weight_format: str = "float32"
     remat: bool = False
+    # What the backward pass keeps of each layer (`mgjax.lm.remat`): none | full | dots | dots_no_batch |
+    # names:<checkpoint names, comma-separated>; '' follows `remat` (false: none, true: full)
+    remat_policy: str = ""
+    # Teacher-forced attention core: auto (by backend: pallas on TPU, cudnn on GPU, dense on CPU) | dense | pallas |
+    # pallas_interpret | cudnn (`mgjax.kernels.attention`)
+    attention: str = "auto"
+    # Formulations of the projections, feed-forward, heads and decoding layout (`mgjax.kernels.select`): auto (by
+    # backend: cpu on the CPU, plain elsewhere) | cpu | plain. The same numbers either way: a runtime choice that
+    # changes the compiled program, never what the params mean.
+    kernels: str = "auto"
     num_chroma: int = 12  # melody models: chroma bins projected and prepended
     chroma_length: int = 235  # melody models: number of chroma frames in the prefix
     max_duration: float = 30.0  # seconds of the training window: longer generations go window by window
@@ -123,6 +138,10 @@ class LMConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def effective_remat_policy(self) -> str:
+        return self.remat_policy or ("full" if self.remat else "none")
 
     def validate(self) -> None:
         if self.num_layers < 1 or self.num_heads < 1:
@@ -139,6 +158,14 @@ class LMConfig:
                               f"{self.max_duration})")
         if self.weight_format not in ("float32", "int8"):
             raise ConfigError(f"lm.weight_format must be 'float32' or 'int8', got {self.weight_format!r}")
+        if self.effective_remat_policy not in REMAT_POLICIES and not self.effective_remat_policy.startswith("names:"):
+            raise ConfigError(f"lm.remat_policy must be one of {', '.join(REMAT_POLICIES)} or names:<name,...>, "
+                              f"got {self.remat_policy!r}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"lm.attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, "
+                              f"got {self.attention!r}")
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"lm.kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"lm.compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
         if self.audio_channels not in (1, 2) or self.num_codebooks % self.audio_channels:

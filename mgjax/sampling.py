@@ -1,8 +1,8 @@
 """Generation: one compiled function (prefill + a `lax.scan` over the pattern steps with an explicit KV cache); with
 progress reporting, the same prefill and steps split over a few compiled calls.
 
-Per step: embed the current column, decode one position (on a CPU with the layers run one by one on split weights,
-`model.split_for_decoding`), apply classifier-free guidance to the raw logits
+Per step: embed the current column, decode one position (with the CPU kernels, the layers run one by one on split
+weights, `kernels.cpu.split_for_decoding`), apply classifier-free guidance to the raw logits
 (`uncond + (cond - uncond) * coef`, conditional and null conditions batched together), sample each codebook (greedy,
 or temperature with top-p / top-k as audiocraft does), and write only the positions the pattern makes valid and no
 prompt fixed. The pattern's index maps are numpy constants at trace time, so any pattern in `patterns.py` works.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Callable, Optional
 
 import jax
@@ -19,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mgjax.config import LMConfig
-from mgjax.lm.model import MusicGenLM, split_for_decoding
+from mgjax.kernels.cpu import split_for_decoding
+from mgjax.kernels.select import kernels_for
+from mgjax.lm.model import MusicGenLM
 from mgjax.lm.patterns import Pattern, pattern_from_config
 
 Array = jax.Array
@@ -137,37 +138,10 @@ def _with_null_chroma(chroma: Optional[Array]) -> Optional[Array]:
     return None if chroma is None else jnp.concatenate([chroma, jnp.zeros_like(chroma).at[..., 0].set(1)], axis=0)
 
 
-def layer_weight_bytes(lm_params) -> int:
-    """Bytes of the stacked decoder-layer params: a bound on what `split_for_decoding` copies (XLA drops the
-    cross-attention key/value projections, which decoding never reads)."""
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(lm_params["layers"]))
-
-
-def free_host_bytes(meminfo: str = "/proc/meminfo") -> Optional[int]:
-    """Memory a new allocation can get: Linux's MemAvailable (free + reclaimable page cache, which a machine that
-    has just read a checkpoint holds plenty of), else the free physical pages, else None where the OS cannot tell."""
-    try:
-        with open(meminfo) as lines:
-            for line in lines:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def split_layers_by_default(lm_params) -> bool:
-    """Whether decoding runs the layers one by one on split weights (`model.split_for_decoding`): on a CPU, where
-    XLA otherwise copies every layer's weights out of the stack every step (musicgen-small float32: 1.6x the steps/s),
-    unless the split's one extra copy of the layer weights, with a quarter more for headroom, would not fit in
-    available memory. Elsewhere the scan over the stacked weights is kept (no extra copy in accelerator memory)."""
-    if jax.default_backend() != "cpu":
-        return False
-    free = free_host_bytes()
-    return free is None or 1.25 * layer_weight_bytes(lm_params) < free
+def split_layers_by_default(lm_params, kernels: str = "auto") -> bool:
+    """Whether decoding runs the layers one by one on split weights, as the `kernels` set (`lm.kernels`) decides:
+    the CPU's does unless host memory is short (`kernels.cpu.split_layers_by_default`), the plain one never."""
+    return kernels_for(kernels).split_layers_by_default(lm_params)
 
 
 def generate_codes(lm_params, cond: Array, cond_mask: Array, key: Array, prompt_codes: Array, *,
@@ -178,7 +152,8 @@ def generate_codes(lm_params, cond: Array, cond_mask: Array, key: Array, prompt_
     cond `[B, L, Dc]` text states, cond_mask `[B, L]`, prompt_codes `[B, K, Tp]` (Tp may be 0) kept as given,
     chroma `[B, F, 12]` for melody models, key a `jax.random` key. Temperature, top-p and the CFG coefficient are
     traced, so changing them does not recompile; greedy, top-k and guidance on/off do. `split_layers`: decode with
-    the layers run one by one on split weights (None: `split_layers_by_default`); the same tokens either way.
+    the layers run one by one on split weights (None: `split_layers_by_default` for `lm_config.kernels`); the same
+    tokens either way.
     With `progress_every > 0` and a callback installed (`progress_callback`), the same steps run as a compiled
     prefill, then `progress_every` steps per call of one compiled program (the KV cache donated from call to call),
     reporting between calls: the same tokens, and no host callback inside, so every program stays serialisable
@@ -188,7 +163,7 @@ def generate_codes(lm_params, cond: Array, cond_mask: Array, key: Array, prompt_
     if not 0 <= prompt_codes.shape[-1] <= frames:
         raise ValueError(f"the audio prompt has {prompt_codes.shape[-1]} frames, more than the {frames} to generate")
     if split_layers is None:
-        split_layers = split_layers_by_default(lm_params)
+        split_layers = split_layers_by_default(lm_params, lm_config.kernels)
     traced = (jnp.float32(sampling.cfg_coef), jnp.float32(sampling.temperature), jnp.float32(sampling.top_p))
     statics = dict(lm_config=lm_config, frames=frames, shape=_LoopShape.of(sampling), split_layers=bool(split_layers))
     prompt_codes = jnp.asarray(prompt_codes, jnp.int32)

@@ -37,6 +37,19 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("conv_in", None),
     ("conv_out", "tensor"),
+    # activations (constrained at layer boundaries, `constrain`) and the KV cache
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("cache_layers", None),
+    ("cache_batch", BATCH_AXES),
+    ("cache_heads", "tensor"),
+    ("cache_length", None),
+    ("cache_kv", None),
 )
 
 
@@ -106,6 +119,16 @@ def mesh_spec(logical_spec: Any, shape: Sequence[int], mesh: Mesh,
     while out and out[-1] is None:
         out.pop()
     return P(*out)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical axis names (one per dim of x) under the current mesh (`jax.set_mesh`);
+    x unchanged when no mesh is set (single-device runs, tests) or every dim maps to None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = mesh_spec(tuple(logical_axes), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def logical_shardings(abstract_boxed: Any, mesh: Mesh,

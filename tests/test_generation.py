@@ -11,6 +11,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import mgjax  # noqa: E402
 from mgjax import sampling  # noqa: E402
+from mgjax.kernels import cpu as cpu_kernels  # noqa: E402
 from oracle import musicgen, reference_generate, reference_generate_from  # noqa: E402
 from helpers_tokenizer import build_test_tokenizer  # noqa: E402
 
@@ -171,9 +172,9 @@ def test_split_layer_decoding_gives_the_same_tokens(pair, monkeypatch):
                 for split in (True, False)]
         np.testing.assert_array_equal(runs[0], runs[1])
     assert jax.default_backend() != "cpu" or sampling.split_layers_by_default(mg.params["lm"])
-    monkeypatch.setattr(sampling, "free_host_bytes", lambda: sampling.layer_weight_bytes(mg.params["lm"]) - 1)
+    monkeypatch.setattr(cpu_kernels, "free_host_bytes", lambda: cpu_kernels.layer_weight_bytes(mg.params["lm"]) - 1)
     assert not sampling.split_layers_by_default(mg.params["lm"])
-    monkeypatch.setattr(sampling, "free_host_bytes", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "free_host_bytes", lambda: None)
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert not sampling.split_layers_by_default(mg.params["lm"])
 
@@ -197,8 +198,8 @@ def test_with_compute_dtype_samples_in_that_dtype(pair):
 def test_free_host_bytes_reads_available_memory(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
-    assert sampling.free_host_bytes(str(meminfo)) == 20000000 * 1024  # page cache counts: it is reclaimable
-    free = sampling.free_host_bytes(str(tmp_path / "absent"))  # no /proc: the OS's free pages, or None
+    assert cpu_kernels.free_host_bytes(str(meminfo)) == 20000000 * 1024  # page cache counts: it is reclaimable
+    free = cpu_kernels.free_host_bytes(str(tmp_path / "absent"))  # no /proc: the OS's free pages, or None
     assert free is None or free > 0
 
 
@@ -209,7 +210,7 @@ def test_progress_callback_reports_steps_and_changes_no_token(pair, every, monke
     _, _, mg = pair
     prompt_wav = mg.generate(PROMPTS, duration=0.06, greedy=True).wav
     for split in (True, False):
-        monkeypatch.setattr(mgjax.api, "split_layers_by_default", lambda _, split=split: split)
+        monkeypatch.setattr(mgjax.api, "split_layers_by_default", lambda *_, split=split: split)
         seen = []
         reported = mg.generate(PROMPTS, duration=0.2, top_k=5, seed=4, prompt_audio=prompt_wav,
                                progress=lambda step, total: seen.append((step, total)), progress_every=every)

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch", reason="the PyTorch oracle needs torch (pip
 
 import mgjax  # noqa: E402
 from mgjax import sampling  # noqa: E402
+from mgjax.kernels import cpu as cpu_kernels  # noqa: E402
 from mgjax.conditioning.chroma import prepare_melody  # noqa: E402
 from mgjax.config import load_config  # noqa: E402
 from helpers_tokenizer import build_test_tokenizer  # noqa: E402
@@ -115,7 +116,7 @@ def test_memory_changing_between_windows_does_not_recompile(monkeypatch):
     long generation: available memory swinging between windows must not compile a program per window."""
     mg = long_form_model("cross")
     swings = iter([0, 10**15] * 8)
-    monkeypatch.setattr(sampling, "free_host_bytes", lambda: next(swings))
+    monkeypatch.setattr(cpu_kernels, "free_host_bytes", lambda: next(swings))
     ids, mask = np.array([[4, 8, 15, 16]], np.int32), np.ones((1, 4), np.int32)
     cond = mg.encode_text(ids, mask)
     frames = int(5.0 * mg.frame_rate)

@@ -18,8 +18,11 @@ KV cache (an explicit pytree, float in the compute dtype):
     {'index': int32 [] (next write position), 'k', 'v': [L, B, H, P + max_length, Dh],
      'cross_k', 'cross_v': [L, B, Lc, H, Dh] and 'cross_mask': [B, Lc] (cross only)}
 where P is the prefix length (0 for cross). Positions are cache positions: the code column t sits at P + t.
-`split_for_decoding` gives the same cache with each of 'k', 'v', 'cross_k', 'cross_v' as a tuple of L per-layer
-arrays, for `decode_step(codes, cache, layer_params)` (what the CPU sampler runs).
+`kernels.cpu.split_for_decoding` gives the same cache with each of 'k', 'v', 'cross_k', 'cross_v' as a tuple of L
+per-layer arrays, for `decode_step(codes, cache, layer_params)` (what the CPU sampler runs).
+
+The projections, feed-forward, heads and that decoding layout come in two formulations, chosen by `lm.kernels`
+(`mgjax.kernels.select`): the plain einsums, or the CPU's.
 """
 from __future__ import annotations
 
@@ -31,8 +34,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mgjax.config import LMConfig
+from mgjax.kernels.cpu import decode_layers_one_by_one
+from mgjax.kernels.select import kernels_for
 from mgjax.lm.transformer import (DecoderLayer, LayerNorm, default_init, param_with_axes, project, quantize_weight,
-                                  rows_matmul, scanned_layers, sinusoidal_positions)
+                                  scanned_layers, sinusoidal_positions)
 
 Array = jax.Array
 
@@ -71,35 +76,7 @@ class CodebookHeads(nn.Module):
             return project("btd,kdc->btkc", x, kernel, jnp.float32).transpose(0, 2, 1, 3)
         kernel = param_with_axes(self, "kernel", (c.num_codebooks, c.dim, c.card), ("codebooks", "embed", "vocab"))
         dtype = jnp.dtype(c.compute_dtype)
-        x, kernel = x.astype(dtype), kernel.astype(dtype)
-        if x.shape[1] == 1:  # a decoding step
-            return heads_one_position(x, kernel)
-        return heads_as_one_matmul(x, kernel)
-
-
-def heads_one_position(x: Array, kernel: Array) -> Array:
-    """x `[B, 1, D]`, kernel `[K, D, card]` -> logits `[B, K, 1, card]` float32, as K matrix-vector products batched
-    over the codebook axis, each reading its `[D, card]` slice of the kernel in place.
-
-    Why not the einsum "btd,kdc->bktc": XLA:CPU copies the whole kernel into a `[K*card, D]` layout for it, every
-    decoding step (10 ms of a 107 ms musicgen-small step; this takes ~1 ms)."""
-    rows = jnp.broadcast_to(x[:, 0][None], (kernel.shape[0],) + x[:, 0].shape)  # [K, B, D]
-    logits = jax.lax.dot_general(rows, kernel, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
-    return logits.transpose(1, 0, 2)[:, :, None]  # [K, B, card] -> [B, K, 1, card]
-
-
-def heads_as_one_matmul(x: Array, kernel: Array) -> Array:
-    """x `[B, T, D]`, kernel `[K, D, card]` -> logits `[B, K, T, card]` float32, as one `[B*T, D] @ [D, K*card]`.
-
-    Why not the einsum: XLA:CPU lowers "btd,kdc->bktc" to a transposed `[K*card, D] @ [D, B*T]` product behind a
-    strided copy of the kernel, and its gradient arrives transposed, which then slows AdamW's elementwise update of
-    this (the largest) parameter ~8x. One plain matmul over the flattened heads is ~1.8x faster for the heads' forward,
-    backward and optimizer update on a 2-core CPU (d 512, card 2048, 604 positions: 53 ms against 94)."""
-    b, t, d = x.shape
-    k, _, card = kernel.shape
-    flat_kernel = kernel.transpose(1, 0, 2).reshape(d, k * card)
-    logits = rows_matmul(x.reshape(b * t, d), flat_kernel, jnp.float32)
-    return logits.reshape(b, t, k, card).transpose(0, 2, 1, 3)
+        return kernels_for(c.kernels).codebook_heads(x.astype(dtype), kernel.astype(dtype))
 
 
 def projection(config: LMConfig, name: str) -> nn.Dense:
@@ -228,8 +205,9 @@ class MusicGenLM(nn.Module):
         """codes `[B, K, T]` (T = 1 for one step; more to feed a prompt) at cache['index']
         -> (logits `[B, K, T, card]` float32, cache with the new K/V and index + T).
 
-        With `layer_params` (and a cache in the same split layout, both from `split_for_decoding`) the layers run one
-        after another, each on buffers of its own, instead of as a scan over the stacked params and cache."""
+        With `layer_params` (and a cache in the same split layout, both from `kernels.cpu.split_for_decoding`) the
+        layers run one after another, each on buffers of its own, instead of as a scan over the stacked params and
+        cache."""
         index = cache["index"]
         seq = codes.shape[-1]
         x = self.embed_codes(codes, index + jnp.arange(seq))
@@ -239,43 +217,21 @@ class MusicGenLM(nn.Module):
         if layer_params is None:
             (x, kv, _), _ = self.layers((x, kv, jnp.zeros((), jnp.int32)), None, mask, cross, index)
         else:
-            x, kv = decode_layers_one_by_one(self.config, layer_params, x, kv, mask, cross, index)
+            x, kv = decode_layers_one_by_one(_layer_applier(self.config, mask, index), layer_params, x, kv, cross)
         return self.logits(x), dict(cache, index=index + seq, **kv)
 
 
-def split_for_decoding(stacked_layers: dict, cache: dict[str, Array]) -> tuple[tuple[dict, ...], dict[str, Array]]:
-    """The scanned layers' params `{...: [L, ...]}` and a cache from `prefill` -> (L per-layer param trees, the cache
-    with 'k', 'v' as L arrays `[B, H, S, Dh]` and 'cross_k', 'cross_v' as L arrays `[B, Lc, H, Dh]`), for
-    `decode_step(..., layer_params)`.
-
-    Why: a decoding step reads every weight once, so how fast it reads them is how fast it runs. Scanning over the
-    stacked params makes XLA:CPU copy each layer's weights (and its cache) out of the stack before using them,
-    every step: half of a musicgen-small step. Split once before the decoding loop, every layer's weights and cache
-    are buffers of their own, read (and the cache updated) in place. Costs one copy of the layer weights while
-    generating; weights a decoding step never reads (the cross-attention key/value projections) XLA drops. Same
-    logits as the scan in float32; in bfloat16 within its rounding (XLA's default excess precision keeps different
-    intermediates in float32 once the layers are unrolled; with `--xla_allow_excess_precision=false` they agree)."""
-    num_layers = cache["k"].shape[0]
-    layer_params = tuple(jax.tree.map(lambda leaf: leaf[i], stacked_layers) for i in range(num_layers))
-    per_layer = {name: tuple(cache[name][i] for i in range(num_layers))
-                 for name in ("k", "v", "cross_k", "cross_v") if name in cache}
-    cache = dict(cache, **per_layer)
-    return layer_params, cache
-
-
-def decode_layers_one_by_one(config: LMConfig, layer_params: tuple[dict, ...], x: Array, kv: dict,
-                             cross_mask: Array | None, cross_kv: dict | None, index: Array) -> tuple[Array, dict]:
-    """The cached decoder layers, unrolled, in `split_for_decoding`'s layout: x `[B, T, D]`, kv
-    `{'k','v': L x [B, H, S, Dh]}`, cross_kv `{'k','v': L x [B, Lc, H, Dh]}` or None -> (x, kv)."""
+def _layer_applier(config: LMConfig, cross_mask: Array | None, index: Array):
+    """`apply_layer(params, x, kv, cross) -> (x, kv)` for `decode_layers_one_by_one`: one cached `DecoderLayer` on
+    its own params and cache (shapes as `DecoderLayer.__call__` with a per-layer cache)."""
     layer = DecoderLayer(config, parent=None)  # applied on its own params, not a submodule of the caller
-    keys, values = [], []
-    for i, params in enumerate(layer_params):
-        cross = None if cross_kv is None else {"k": cross_kv["k"][i], "v": cross_kv["v"][i]}
-        (x, own, _), _ = layer.apply({"params": params}, (x, {"k": kv["k"][i], "v": kv["v"][i]},
-                                                          jnp.zeros((), jnp.int32)), None, cross_mask, cross, index)
-        keys.append(own["k"])
-        values.append(own["v"])
-    return x, {"k": tuple(keys), "v": tuple(values)}
+
+    def apply_layer(params, x, kv, cross):
+        (x, kv, _), _ = layer.apply({"params": params}, (x, kv, jnp.zeros((), jnp.int32)), None, cross_mask, cross,
+                                    index)
+        return x, kv
+
+    return apply_layer
 
 
 # Matmul weights and the axes their matmul contracts (after the leading `layers` axis where stacked).

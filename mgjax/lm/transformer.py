@@ -10,7 +10,6 @@ A layer runs in one of two modes, chosen by whether a self-attention cache slice
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -20,6 +19,7 @@ from flax import linen as nn
 from jax import lax
 
 from mgjax.config import LMConfig
+from mgjax.kernels.select import kernels_for
 
 Array = jax.Array
 NEG_INF = float(jnp.finfo(jnp.float32).min)
@@ -47,17 +47,18 @@ def matmul_weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tu
     return quantized, scale
 
 
-def project(spec: str, x: Array, weight, dtype) -> Array:
-    """`jnp.einsum(spec, x, weight)` for a float weight; for an (int8, scale) weight (stored with the contracted
-    axes last, see `matmul_weight`; `spec` names the float layout), int8 x int8 -> int32 with x quantised per row
-    (symmetric, over its contracted axes) and both scales applied to the int32 result.
+def project(spec: str, x: Array, weight, dtype, kernels: str = "auto") -> Array:
+    """`jnp.einsum(spec, x, weight)` for a float weight, as the `kernels` set formulates it (`mgjax.kernels.select`);
+    for an (int8, scale) weight (stored with the contracted axes last, see `matmul_weight`; `spec` names the float
+    layout), int8 x int8 -> int32 with x quantised per row (symmetric, over its contracted axes) and both scales
+    applied to the int32 result, on every kernel set.
 
-    For int8 the spec must be a matmul over flattened axes, as `float_project`'s fast path: x's contracted axes
-    trailing, output = x's batch axes + the weight's other axes. Weight-only int8 quarters the bytes read per
-    decoding step, which is what bounds sampling speed on a CPU.
+    For int8 the spec must be a matmul over flattened axes: x's contracted axes trailing, output = x's batch axes +
+    the weight's other axes. Weight-only int8 quarters the bytes read per decoding step, which is what bounds
+    sampling speed on a CPU.
     """
     if not isinstance(weight, tuple):
-        return float_project(spec, x.astype(dtype), weight.astype(dtype))
+        return kernels_for(kernels).einsum(spec, x.astype(dtype), weight.astype(dtype))
     quantized, w_scale = weight
     inputs, out = spec.split("->")
     x_letters, w_letters = inputs.split(",")
@@ -76,46 +77,6 @@ def project(spec: str, x: Array, weight, dtype) -> Array:
                           preferred_element_type=jnp.int32)
     y = acc.astype(jnp.float32) * row_scale * w_scale.reshape(1, -1)
     return y.reshape(x.shape[:len(batch)] + kept_shape).astype(dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def rows_matmul(x: Array, w: Array, out_dtype=None) -> Array:
-    """x `[N, I]` @ w `[I, O]` -> `[N, O]` (in `out_dtype`, by default x's), with a backward that XLA:CPU runs as
-    plain row-major products.
-
-    The weight gradient `x.T @ g` contracts over the rows. Left to autodiff, XLA:CPU either folds the transpose into
-    the product (Eigen's path, ~30 % slower than YNNPACK's) or fuses it into whatever produced g (a layer-norm
-    backward written with strided stores, ~20x slower than a plain transpose). Here the transpose reads x, a saved
-    forward activation, so it is a plain copy; the barrier keeps XLA from folding it back into the product."""
-    return jnp.matmul(x, w, preferred_element_type=out_dtype)
-
-
-def _rows_matmul_fwd(x, w, out_dtype):
-    return rows_matmul(x, w, out_dtype), (x, w)
-
-
-def _rows_matmul_bwd(out_dtype, residuals, g):
-    x, w = residuals
-    g = g.astype(x.dtype)
-    return g @ w.T, (lax.optimization_barrier(x.T) @ g).astype(w.dtype)
-
-
-rows_matmul.defvjp(_rows_matmul_fwd, _rows_matmul_bwd)
-
-
-def float_project(spec: str, x: Array, weight: Array) -> Array:
-    """`jnp.einsum(spec, x, weight)`; as one `rows_matmul` when the spec is a matmul over flattened axes: x's
-    contracted axes trailing, the weight's leading (in the same order), output = x's batch axes + the weight's rest
-    (e.g. "btd,dhk->bthk", "bthk,hkd->btd")."""
-    inputs, out = spec.split("->")
-    x_letters, w_letters = inputs.split(",")
-    contracted = "".join(letter for letter in x_letters if letter not in out)
-    batch, kept = x_letters[:len(x_letters) - len(contracted)], w_letters[len(contracted):]
-    if not (contracted and x_letters.endswith(contracted) and w_letters.startswith(contracted) and out == batch + kept):
-        return jnp.einsum(spec, x, weight)
-    inner = math.prod(weight.shape[:len(contracted)])
-    y = rows_matmul(x.reshape(-1, inner), weight.reshape(inner, -1))
-    return y.reshape(x.shape[:len(batch)] + weight.shape[len(contracted):])
 
 
 def quantize_weight(weight: Array, contracted_axes: tuple[int, ...]) -> tuple[Array, Array]:
@@ -226,56 +187,16 @@ class Attention(nn.Module):
 
     def query(self, x: Array) -> Array:
         """`[B, T, D]` -> `[B, T, H, Dh]`."""
-        return project("btd,dhk->bthk", x, self.q_proj, self.dtype)
+        return project("btd,dhk->bthk", x, self.q_proj, self.dtype, self.config.kernels)
 
     def key_value(self, x: Array) -> tuple[Array, Array]:
         """`[B, S, D]` -> keys, values `[B, S, H, Dh]`."""
-        return project("bsd,dhk->bshk", x, self.k_proj, self.dtype), project("bsd,dhk->bshk", x, self.v_proj, self.dtype)
+        return (project("bsd,dhk->bshk", x, self.k_proj, self.dtype, self.config.kernels),
+                project("bsd,dhk->bshk", x, self.v_proj, self.dtype, self.config.kernels))
 
     def output(self, o: Array) -> Array:
         """`[B, T, H, Dh]` -> `[B, T, D]`."""
-        return project("bthk,hkd->btd", o, self.out_proj, self.dtype)
-
-
-_SQRT_HALF = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-@jax.custom_vjp
-def gelu_mlp(x: Array, fc1: Array, fc2: Array) -> Array:
-    """`gelu(x @ fc1) @ fc2` (exact erf GELU): x `[..., D]`, fc1 `[D, F]`, fc2 `[F, D]` -> `[..., D]`.
-
-    Its backward is written out (the same math as autodiff) so that GELU's derivative is one elementwise pass over
-    `[..., F]` in the activations' own layout; XLA:CPU otherwise fused it into a transposing copy that cost as much
-    as a matmul per layer."""
-    return jax.nn.gelu(x @ fc1, approximate=False) @ fc2
-
-
-def _gelu_mlp_fwd(x, fc1, fc2):
-    h = x @ fc1
-    return jax.nn.gelu(h, approximate=False) @ fc2, (x, fc1, fc2, h)
-
-
-def _rows(a: Array) -> Array:
-    """`[..., C]` -> `[N, C]`."""
-    return a.reshape(-1, a.shape[-1])
-
-
-def _gelu_mlp_bwd(residuals, dy):
-    x, fc1, fc2, h = residuals
-    cdf = 0.5 * (1.0 + lax.erf(h * _SQRT_HALF))
-    activation = h * cdf
-    dh = (dy @ fc2.T) * (cdf + h * jnp.exp(-0.5 * h * h) * _INV_SQRT_2PI)
-    # The weight gradients contract over the rows. Transposing the narrow [N, D] operands (x, dy), not the wide
-    # [N, F] ones, keeps the copies 4x smaller; the barriers keep XLA from folding the transposes back into the
-    # products (its slower Eigen path) and make the [D, F] -> [F, D] transpose a copy of the small result.
-    rows_x, rows_dy = lax.optimization_barrier((_rows(x).T, _rows(dy).T))  # [D, N]
-    d_fc1 = rows_x @ _rows(dh)  # [D, F]
-    d_fc2 = lax.optimization_barrier(rows_dy @ _rows(activation)).T  # [F, D]
-    return dh @ fc1.T, d_fc1.astype(fc1.dtype), d_fc2.astype(fc2.dtype)
-
-
-gelu_mlp.defvjp(_gelu_mlp_fwd, _gelu_mlp_bwd)
+        return project("bthk,hkd->btd", o, self.out_proj, self.dtype, self.config.kernels)
 
 
 class FeedForward(nn.Module):
@@ -290,7 +211,7 @@ class FeedForward(nn.Module):
         fc1 = matmul_weight(self, "fc1", (c.dim, c.ffn_dim), ("embed", "mlp"), 1)
         fc2 = matmul_weight(self, "fc2", (c.ffn_dim, c.dim), ("mlp", "embed"), 1)
         if not isinstance(fc1, tuple):
-            return gelu_mlp(x.astype(dtype), fc1.astype(dtype), fc2.astype(dtype))
+            return kernels_for(c.kernels).gelu_mlp(x.astype(dtype), fc1.astype(dtype), fc2.astype(dtype))
         h = jax.nn.gelu(project("btd,df->btf", x, fc1, dtype), approximate=False)
         return project("btf,fd->btd", h, fc2, dtype)
 
@@ -318,7 +239,7 @@ class DecoderLayer(nn.Module):
         carry = (x `[B, T, D]`, cache, layer): cache is None (teacher-forced) or the WHOLE stacked self-attention
         cache `{'k','v': [L, B, H, S, Dh]}`, updated in place at `[layer, :, :, index]` (carrying it, rather than
         scanning over its layers, keeps XLA from copying the whole cache every decoding step), or this layer's own
-        cache `{'k','v': [B, H, S, Dh]}` (layers run one by one, `model.split_for_decoding`); layer int32.
+        cache `{'k','v': [B, H, S, Dh]}` (layers run one by one, `kernels.cpu.split_for_decoding`); layer int32.
         cond `[B, Lc, D]` projected condition states (teacher-forced cross mode) or None; cond_mask `[B, Lc]` bool or
         None; cross_kv `{'k','v': [B, Lc, H, Dh]}` precomputed (cached mode) or None; index int32: the cache
         position of x[:, 0]. Returns ((x, cache, layer + 1), None).
