@@ -7,8 +7,12 @@ ARGS ?=
 PYTEST_ARGS ?=
 # pytest-xdist processes (whole files per worker): most tests are bound by single-threaded XLA compilation.
 TEST_WORKERS ?= 2
+# libtpu for compiling TPU programs on this machine (`--compile-only`, tests/test_aot.py): the version jax[tpu] pins
+# for our jax, installed beside the venv (a libtpu inside it makes every JAX process probe for TPUs at start-up).
+LIBTPU ?= libtpu==0.0.42.*
+LIBTPU_DIR ?= .libtpu
 
-.PHONY: install sample test bench clean
+.PHONY: install sample test bench clean tpu-tools
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +21,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-sample: $(VENV)/.installed
-	$(PY) sample.py --prompt "$(PROMPT)" $(ARGS)
+# Not fatal: where libtpu cannot install, tests/test_aot.py skips and says why.
+$(LIBTPU_DIR)/.installed:
+	$(PY) -m pip install -q --no-deps --target $(LIBTPU_DIR) "$(LIBTPU)" && touch $@ \
+		|| echo "warning: could not install $(LIBTPU) into $(LIBTPU_DIR); TPU compile checks will be skipped"
 
-test: $(VENV)/.installed
+tpu-tools: $(VENV)/.installed $(LIBTPU_DIR)/.installed
+
+sample: $(VENV)/.installed
+	$(PY) sample.py --prompt "$(PROMPT)" --overwrite $(ARGS)
+
+test: $(VENV)/.installed tpu-tools
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
@@ -29,4 +40,4 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_train.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(LIBTPU_DIR)

@@ -11,11 +11,16 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 import time
+import warnings
 
 # Constants only: mgjax.audio imports numpy and nothing heavy, so --help stays fast.
+from mgjax import aot  # noqa: E402
 from mgjax.audio import CONTAINERS, LOUDNESS_TARGET_LUFS, NORMALIZE_STRATEGIES  # noqa: E402
 from mgjax.runtime import DEFAULT_COMPILATION_CACHE  # noqa: E402
+from mgjax.validation import (MAX_DURATION_S, MAX_SEED, as_float, as_int, generation_settings,  # noqa: E402
+                              long_duration_note)
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mgjax", "assets", "demo")
 NO_CHECKPOINT_HELP = (
@@ -23,6 +28,12 @@ NO_CHECKPOINT_HELP = (
     "mgjax cannot download weights. Convert released MusicGen weights that you have on disk, then point at them:\n"
     "  .venv/bin/python -m mgjax.convert /path/to/musicgen-small ckpt/musicgen-small\n"
     "  make sample PROMPT=\"...\" ARGS=\"--checkpoint ckpt/musicgen-small\"")
+
+
+# How this CLI spells the settings `mgjax.validation.generation_settings` checks (the API spells them as arguments).
+CLI_NAMES = {"duration": "--duration", "top_k": "--top-k", "top_p": "--top-p", "temperature": "--temperature",
+             "cfg_coef": "--cfg", "seed": "--seed", "greedy": "--greedy", "continue": "--continue"}
+MAX_CLIPS = 10_000
 
 
 class CliError(Exception):
@@ -39,6 +50,7 @@ def parse_args(argv):
                                                            f"demo model, {os.path.relpath(DEFAULT_CHECKPOINT)})")
     parser.add_argument("--out", default="out", help="output directory, or a file path (.wav, .flac, .ogg, .mp3) when "
                                                      "there is one prompt")
+    parser.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     parser.add_argument("--audio-format", choices=[suffix[1:] for suffix in CONTAINERS], default="wav",
                         help="container of the files written into an --out directory (default wav)")
     parser.add_argument("--format", choices=("pcm16", "float"), default="pcm16",
@@ -73,7 +85,24 @@ def parse_args(argv):
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--compile-cache", default=DEFAULT_COMPILATION_CACHE, metavar="DIR",
                         help="directory keeping compiled programs between runs (default %(default)s; '' for none)")
+    parser.add_argument("--config", default=None, metavar="NAME",
+                        help="with --compile-only: a model config (a name in configs/, e.g. musicgen-medium, or a "
+                             "YAML path) instead of the checkpoint's")
+    aot.add_arguments(parser, sampling=True)
     return parser.parse_args(argv)
+
+
+def compile_check(args) -> int:
+    """`--compile-only`: the generation program for `--batch-size` clips of `--duration` s, compiled for a TPU."""
+    from mgjax.config import ConfigError, load_config
+
+    source = args.config or os.path.join(args.checkpoint or DEFAULT_CHECKPOINT, "config.yaml")
+    overrides = [f"lm.compute_dtype={args.dtype}"] if args.dtype else []
+    try:
+        config = load_config(source, overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        raise CliError(f"--compile-only: cannot read the model config {source} ({err})") from None
+    return aot.run_sample_check(config, args)
 
 
 def read_prompts_file(path: str) -> list[str]:
@@ -93,8 +122,7 @@ def validate(args) -> None:
         if not from_file:
             raise CliError(f"--prompts-file: {args.prompts_file} holds no prompt (one description per line)")
         args.prompt = args.prompt + from_file
-    if args.unconditional < 0:
-        raise CliError(f"--unconditional must be >= 1 clips, got {args.unconditional}")
+    as_int("--unconditional", args.unconditional, 0, MAX_CLIPS, "the number of clips to generate")
     if args.unconditional and (args.prompt or args.melody):
         raise CliError("--unconditional generates without a description or melody: drop --prompt, --prompts-file "
                        "and --melody, or drop --unconditional")
@@ -102,20 +130,16 @@ def validate(args) -> None:
         args.prompt = [None] * args.unconditional
     if not args.prompt:
         raise CliError("no prompt: give --prompt \"...\" (repeatable), --prompts-file FILE or --unconditional N")
-    if not args.duration > 0:
-        raise CliError(f"--duration must be > 0 seconds, got {args.duration}")
+    generation_settings(duration=args.duration, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                        cfg_coef=args.cfg, seed=args.seed, greedy=args.greedy, names=CLI_NAMES)
     if any(p is not None and not p.strip() for p in args.prompt):
         raise CliError("--prompt must not be empty")
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not args.greedy and not args.temperature > 0:
-        raise CliError(f"--temperature must be > 0, got {args.temperature} (use --greedy for argmax)")
-    if not 0 <= args.top_p <= 1:
-        raise CliError(f"--top-p must lie in [0, 1], got {args.top_p}")
+    as_int("--batch-size", args.batch_size, 1, MAX_CLIPS, "the number of prompts generated together")
     if not -70 < args.loudness < 0:
         raise CliError(f"--loudness must lie in (-70, 0) LUFS, got {args.loudness}")
-    if args.cfg < 0:
-        raise CliError(f"--cfg must be >= 0, got {args.cfg}")
+    if args.extend_stride is not None:
+        as_float("--extend-stride", args.extend_stride, 0.0, MAX_DURATION_S, low_open=True, unit=" seconds",
+                 hint="it must also stay below the model's window (30 s for the released models)")
     for flag, path in (("--continue", args.continue_wav), ("--melody", args.melody)):
         if path and not os.path.isfile(path):
             raise CliError(f"{flag}: audio file {path} does not exist")
@@ -124,6 +148,35 @@ def validate(args) -> None:
     container = os.path.splitext(args.out)[1].lower() if output_file(args.out) else "." + args.audio_format
     if args.format == "float" and container != ".wav":
         raise CliError(f"--format float is stored in .wav files only, not {container}")
+    check_outputs(output_paths(args.out, args.prompt, container), args.overwrite)
+
+
+def check_outputs(paths: list[str], overwrite: bool) -> None:
+    """Before any generation: each output path is new (or `overwrite`) and its directory can be written."""
+    for path in paths:
+        if os.path.isdir(path):
+            raise CliError(f"--out: {path} is a directory; give a file path, or the directory alone")
+        if os.path.exists(path) and not overwrite:
+            raise CliError(f"--out: {path} already exists; pass --overwrite to replace it, or choose another --out")
+    for directory in sorted({os.path.dirname(os.path.abspath(path)) for path in paths}):
+        probe_writable(directory)
+
+
+def probe_writable(directory: str) -> None:
+    """A `CliError` unless a file can be created in `directory` (or, when it does not exist yet, in its nearest
+    existing ancestor, where it will be created); tried with a real temporary file, which permissions, read-only
+    mounts and root alike answer truly."""
+    existing = directory
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CliError(f"--out: cannot create {directory}: {existing} is a file; choose another --out")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise CliError(f"--out: cannot write into {existing} ({err.strerror}); choose a writable --out or fix the "
+                       f"permissions there") from None
 
 
 def output_file(out: str) -> bool:
@@ -144,23 +197,18 @@ def output_paths(out: str, prompts: list[str | None], suffix: str = ".wav") -> l
 
 
 class ProgressBar:
-    """A one-line text progress bar over decoding steps (stderr). The rate counts from the first report, so compile
-    time stays out of it; a step count that does not advance (the next window of a long generation) starts a new
-    line and a new rate."""
+    """A one-line text progress bar over decoding steps (stderr), all windows of a long generation counted as one
+    run (`MusicGen.generate` reports them so). The rate and the time left count from the first report, so the first
+    compilation stays out of them."""
 
     def __init__(self, label: str, enabled: bool):
         self.label, self.enabled = label, enabled
-        self.origin: tuple[int, float] | None = None  # (step, time) of the first report of this window
-        self.last_step = -1
+        self.origin: tuple[int, float] | None = None  # (step, time) of the first report
 
     def __call__(self, step: int, total: int) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if step <= self.last_step:  # never true before the first report (last_step -1)
-            sys.stderr.write("\n")
-            self.origin = None
-        self.last_step = step
         if self.origin is None:
             self.origin = (step, now)
         width = 30
@@ -176,6 +224,45 @@ class ProgressBar:
         if self.enabled and self.origin is not None:
             sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+def fallback_path(path: str, directory: str | None = None) -> str:
+    """Where a clip whose `path` cannot be written is kept instead: a new name in `directory` (default: the
+    system's temporary directory), keeping the file's name and container."""
+    stem, suffix = os.path.splitext(os.path.basename(path))
+    fd, fallback = tempfile.mkstemp(prefix=f"mgjax-unsaved-{stem}-", suffix=suffix,
+                                    dir=directory or tempfile.gettempdir())
+    os.close(fd)
+    return fallback
+
+
+def save_clip(write, path: str, *args) -> tuple[str, OSError | None]:
+    """`write(path, *args)`; when that fails with an OSError, the clip goes to a `fallback_path` instead ->
+    `(the path written, the error or None)`. A failing fallback raises the first error."""
+    try:
+        return write(path, *args), None
+    except OSError as err:
+        fallback = fallback_path(path)
+        try:
+            return write(fallback, *args), err
+        except OSError:
+            os.remove(fallback)
+            raise err from None
+
+
+def read_inputs(args) -> dict:
+    """`{flag: (wav [C, N], sample rate)}` of --continue and --melody, read (and checked finite) before the model
+    loads."""
+    from mgjax.audio import read_audio
+
+    inputs = {}
+    for flag, path in (("--continue", args.continue_wav), ("--melody", args.melody)):
+        if path:
+            try:
+                inputs[flag] = read_audio(path)
+            except (ValueError, FileNotFoundError) as err:
+                raise CliError(f"{flag}: {err}") from None
+    return inputs
 
 
 def load_model(checkpoint_dir: str):
@@ -199,6 +286,9 @@ def load_model(checkpoint_dir: str):
 
 def run(args) -> int:
     validate(args)
+    note = long_duration_note(args.duration)
+    if note:
+        print(f"warning: --duration {note}", file=sys.stderr)
     checkpoint_dir = args.checkpoint or DEFAULT_CHECKPOINT
     if not os.path.isdir(checkpoint_dir):
         if args.checkpoint:
@@ -208,9 +298,9 @@ def run(args) -> int:
 
     import numpy as np
 
-    import mgjax
-    from mgjax.audio import load_audio, normalize_audio, write_audio
+    from mgjax.audio import conform, normalize_audio, write_audio
 
+    inputs = read_inputs(args)
     mg = load_model(checkpoint_dir)
     if args.int8:
         mg = mg.with_int8_weights()
@@ -220,7 +310,7 @@ def run(args) -> int:
         mg = mg.with_compute_dtype(args.dtype)
     prompt_audio = None
     if args.continue_wav:
-        prompt_audio = load_audio(args.continue_wav, mg.sample_rate, mg.channels)
+        prompt_audio = conform(*inputs["--continue"], mg.sample_rate, mg.channels)
         if prompt_audio.shape[-1] / mg.sample_rate >= args.duration:
             raise CliError(f"--continue audio ({prompt_audio.shape[-1] / mg.sample_rate:.2f} s) must be shorter "
                            f"than --duration ({args.duration} s)")
@@ -228,16 +318,17 @@ def run(args) -> int:
     if args.melody:
         if mg.config.lm.conditioning != "prepend":
             raise CliError(f"--melody needs a MusicGen-melody checkpoint; {checkpoint_dir} conditions on text only")
-        melody = load_audio(args.melody, mg.sample_rate, 1)
+        melody = conform(*inputs["--melody"], mg.sample_rate, 1)
     paths = output_paths(args.out, args.prompt, "." + args.audio_format)
-    written, audio_seconds, start = [], 0.0, time.perf_counter()
+    written, failed, audio_seconds, start = [], [], 0.0, time.perf_counter()
     for first in range(0, len(args.prompt), args.batch_size):
         prompts = args.prompt[first: first + args.batch_size]
         batch_prompt_audio = None if prompt_audio is None else np.repeat(prompt_audio[None], len(prompts), axis=0)
         batch_melody = None if melody is None else np.repeat(melody[None], len(prompts), axis=0)
         bar = ProgressBar(f"prompts {first + 1}-{first + len(prompts)}", not args.no_progress)
         common = dict(duration=args.duration, prompt_audio=batch_prompt_audio, top_k=args.top_k, top_p=args.top_p,
-                      temperature=args.temperature, greedy=args.greedy, seed=args.seed + first,
+                      temperature=args.temperature, greedy=args.greedy,
+                      seed=(args.seed + first) % (MAX_SEED + 1),
                       progress=None if args.no_progress else bar, progress_every=10)
         if args.unconditional:
             out = mg.generate_unconditional(len(prompts), **common)
@@ -247,24 +338,30 @@ def run(args) -> int:
         for wav, path in zip(out.wav, paths[first: first + len(prompts)]):
             wav = normalize_audio(wav, mg.sample_rate, args.normalize, loudness_target=args.loudness,
                                   compressor=True)
-            written.append(write_audio(path, wav, mg.sample_rate, args.format))
+            saved, error = save_clip(write_audio, path, wav, mg.sample_rate, args.format)
+            (written if error is None else failed).append((saved, path, error))
             audio_seconds += wav.shape[-1] / mg.sample_rate
     elapsed = time.perf_counter() - start
-    for path in written:
-        print(f"wrote {path}")
+    for saved, _, _ in written:
+        print(f"wrote {saved}")
     print(f"generated {audio_seconds:.1f} s of audio in {elapsed:.1f} s "
           f"(real-time factor {audio_seconds / elapsed:.2f}x, compile time included)")
-    return 0
+    for saved, path, error in failed:
+        print(f"error: cannot write {path} ({error.strerror or error}); the audio is kept in {saved}: move it "
+              f"where you want it", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    aot.prepare(args)
     from mgjax.runtime import keep_host_memory, use_compilation_cache
 
     keep_host_memory()  # before JAX starts its threads
     use_compilation_cache(args.compile_cache)
+    warnings.showwarning = lambda message, *_args, **_kwargs: print(f"warning: {message}", file=sys.stderr)
     try:
-        return run(args)
+        return compile_check(args) if args.compile_only else run(args)
     except CliError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
     python train.py --config train-tiny --synthetic                       # no audio needed
     python train.py --config train-small train.data_dir=/data/music train.pretrained=ckpt/musicgen-small
     python train.py --config train-tiny --sweep configs/sweeps/train-patterns.yaml --synthetic   # pattern ablation
+    python train.py --config train-medium --compile-only --topology v5e:8x8   # fits a TPU pod? (make tpu-tools)
 
 Logs loss, per-codebook loss, learning rate and tokens/s to stdout and <output_dir>/metrics.jsonl (progress bar
 with tqdm when installed; TensorBoard scalars in <output_dir>/tb when a TensorBoard writer is installed).
@@ -22,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from mgjax import aot  # no JAX at import: `--compile-only` must put libtpu on the path before JAX starts
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="after training, write the model (codec + text encoder + LM + tokenizer) as a MusicGen "
                              "checkpoint to DIR, for sample.py --checkpoint DIR")
     parser.add_argument("--export-ema", action="store_true", help="export the EMA params (train.ema_decay > 0)")
+    aot.add_arguments(parser, sampling=False)
     args = parser.parse_args(argv)
     if args.config is None and args.sweep is None:
         parser.error("--config is required (a YAML path or a name in configs/, e.g. train-tiny)")
@@ -59,7 +63,12 @@ class Logger:
         self.bar = self.writer = self.metrics_file = None
         if not self.active:
             return
-        self.metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        dropped = trim_metrics(metrics_path, start)
+        if dropped and not quiet:
+            print(f"metrics.jsonl: dropped {dropped} record(s) past step {start}, the checkpoint resumed from "
+                  f"(they are logged again as the steps rerun)", flush=True)
+        self.metrics_file = open(metrics_path, "a")
         if self.console:
             try:
                 from tqdm import tqdm
@@ -104,6 +113,33 @@ class Logger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def trim_metrics(path: str, last_step: int) -> int:
+    """Drops the records of `path` (JSON lines with a "step") past `last_step`, and a torn last line: those steps
+    run again after a resume from `last_step`, and would otherwise be counted twice. Rewritten atomically (temp
+    file + rename); returns how many lines were dropped (0: the file is left untouched)."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = [line.rstrip("\n") + "\n" for line in lines
+            if _record_step(line) is not None and _record_step(line) <= last_step]
+    if kept == lines:
+        return 0
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def _record_step(line: str) -> int | None:
+    """The "step" of one metrics.jsonl line, or None for a torn or foreign line."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _tensorboard_writer(directory: str) -> Any:
@@ -232,6 +268,7 @@ def train_run(config: Any, *, synthetic: bool = False, steps: int | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    aot.prepare(args)
     from mgjax.runtime import keep_host_memory
 
     keep_host_memory()  # before JAX starts its threads: no page faults on each step's temp buffer
@@ -244,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             sweep(args)
             return 0
         config = load_config(args.config, args.overrides)
+        if args.compile_only:
+            return aot.run_train_check(config, args)
         result = train_run(config, synthetic=args.synthetic, steps=args.steps, fresh=args.fresh, quiet=args.quiet)
         if args.export:
             export(config, result["trainer"], result["codec"], args.export, args.export_ema)

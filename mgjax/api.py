@@ -1,9 +1,11 @@
 """The `MusicGen` facade: load a converted checkpoint, encode/decode audio, generate music from text."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -16,9 +18,11 @@ from mgjax.audio import match_channels
 from mgjax.codec.encodec import Codec, EncodecModel
 from mgjax.config import ConfigError, MusicGenConfig, T5Config, from_dict
 from mgjax.lm.model import MusicGenLM, quantize_lm_params
-from mgjax.sampling import SamplingConfig, generate_codes, progress_callback, split_layers_by_default
+from mgjax.sampling import (SamplingConfig, counted_from, generate_codes, progress_callback,
+                             split_layers_by_default, steps_to_sample)
 from mgjax.runtime import jit_once
 from mgjax.text.t5 import T5Encoder
+from mgjax.validation import InvalidInput, finite_audio, generation_settings, long_duration_note, sample_rate
 
 
 @dataclasses.dataclass
@@ -250,11 +254,19 @@ class MusicGen:
         (default `sample_rate`; resampled and its channels matched as needed): continuation, its codes kept as the
         first frames of the output. Durations beyond the model's window (`lm.max_duration`) are generated window
         by window, each window prompted with the last `max_duration - extend_stride` seconds of the previous one.
-        `progress(step, total)` is called every `progress_every` decoding steps from inside the compiled loop.
+        `progress(step, total)` is called every `progress_every` decoding steps, counting over all windows.
+        Every setting is checked first (`mgjax.validation.generation_settings`, as `sample.py` checks its flags).
         """
+        settings = self._checked_settings(prompt_audio, prompt_sample_rate, duration=duration, top_k=top_k, top_p=top_p,
+                                          temperature=temperature, cfg_coef=cfg_coef, seed=seed, greedy=greedy)
+        melody_sample_rate = sample_rate("melody_sample_rate", melody_sample_rate, self.sample_rate)
+        if prompts is None and input_ids is None:
+            raise InvalidInput("prompts is None: give a list of text descriptions (or input_ids=[B, L]); for clips "
+                               "without a description use generate_unconditional")
         ids, mask = self.tokenize(prompts, input_ids, attention_mask)
-        sampling = SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature, cfg_coef=cfg_coef,
-                                  greedy=greedy).validate()
+        seed = settings.pop("seed")
+        duration = settings.pop("duration")
+        sampling = SamplingConfig(**settings).validate()
         melody = self._check_melody(melody, ids.shape[0])
         return self._generate_from_text_states(self.encode_text(ids, mask), mask, duration, sampling, seed,
                                                melody=melody, melody_sample_rate=melody_sample_rate,
@@ -270,15 +282,30 @@ class MusicGen:
         zero; the null melody for melody models), as transformers' `get_unconditional_inputs` and audiocraft's
         `generate_unconditional` build it. Both halves of classifier-free guidance would see that same condition,
         so it is skipped (same tokens, half the work). `prompt_audio` `[num_samples, C, N]`: continue it."""
-        if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-        sampling = SamplingConfig(top_k=top_k, top_p=top_p, temperature=temperature, cfg_coef=1.0,
-                                  greedy=greedy).validate()
+        settings = self._checked_settings(prompt_audio, prompt_sample_rate, duration=duration, top_k=top_k, top_p=top_p,
+                                          temperature=temperature, cfg_coef=1.0, seed=seed, greedy=greedy)
+        seed = settings.pop("seed")
+        duration = settings.pop("duration")
+        sampling = SamplingConfig(**settings).validate()
         states = jnp.zeros((num_samples, 1, self.config.text.d_model), jnp.float32)
         mask = np.zeros((num_samples, 1), np.int32)
         return self._generate_from_text_states(states, mask, duration, sampling, seed, prompt_audio=prompt_audio,
                                                prompt_sample_rate=prompt_sample_rate, progress=progress,
                                                progress_every=progress_every)
+
+    def _checked_settings(self, prompt_audio, prompt_sample_rate: Optional[int], **given) -> dict:
+        """`generation_settings(**given)`, the audio prompt's samples and rate checked before any work (an
+        `InvalidInput` naming a bad one), with a warning for a long generation."""
+        sample_rate("prompt_sample_rate", prompt_sample_rate, self.sample_rate)
+        if prompt_audio is not None:
+            finite_audio("prompt_audio", prompt_audio)
+        settings = generation_settings(**given)
+        note = long_duration_note(settings["duration"], self.config.lm.extend_stride)
+        if note:
+            warnings.warn(note, stacklevel=3)
+        return settings
 
     def _generate_from_text_states(self, cond, mask, duration: float, sampling: SamplingConfig, seed: int, *,
                                    melody=None, melody_sample_rate: Optional[int] = None, prompt_audio=None,
@@ -288,10 +315,9 @@ class MusicGen:
         frames = self.frames_for(duration)
         prompt_codes = self._prompt_codes(prompt_audio, prompt_sample_rate, cond.shape[0], frames)
         every = progress_every if progress is not None else 0
-        with progress_callback(progress):
-            codes, _ = self.generate_windows(cond, mask, prompt_codes, frames, sampling, jax.random.key(seed),
-                                             melody=melody, melody_sample_rate=melody_sample_rate or
-                                             self.sample_rate, progress_every=every)
+        codes, _ = self.generate_windows(cond, mask, prompt_codes, frames, sampling, jax.random.key(seed),
+                                         melody=melody, melody_sample_rate=melody_sample_rate or self.sample_rate,
+                                         progress_every=every, progress=progress)
         wav = self.decode(codes)
         return GenerationOutput(wav=np.asarray(wav), codes=np.asarray(codes))
 
@@ -301,8 +327,10 @@ class MusicGen:
                 int(self.config.lm.extend_stride * self.frame_rate))
 
     def generate_windows(self, cond, mask, prompt_codes, frames: int, sampling: SamplingConfig, key, *,
-                         melody=None, melody_sample_rate: int = 32000, progress_every: int = 0):
+                         melody=None, melody_sample_rate: int = 32000, progress_every: int = 0,
+                         progress: Optional[Callable[[int, int], None]] = None):
         """`[B, K, frames]` codes, and the codes of each window (`[B, K, W]`), generated window by window.
+        `progress(step, total)`: called every `progress_every` steps, the steps of all windows counted as one run.
 
         As audiocraft: window i starts `i * stride` frames in; its first `W - stride` frames are the previous
         window's tail, kept as an audio prompt; the first window keeps the user's prompt. Every window has the
@@ -315,13 +343,19 @@ class MusicGen:
         split_layers = split_layers_by_default(self.params["lm"], self.config.lm.kernels)
         pieces, windows = [prompt_codes], []
         prompt = prompt_codes
-        for start, _ in window_plan(frames, window, stride, prompt_codes.shape[-1]):
+        plan = window_plan(frames, window, stride, prompt_codes.shape[-1])
+        totals = [steps_to_sample(self.config.lm, window, prompt_codes.shape[-1] if i == 0 else window - stride)
+                  for i in range(len(plan))]
+        for index, (start, _) in enumerate(plan):
             chroma = None
             if self.config.lm.conditioning == "prepend":
                 chroma = self._window_chroma(melody, melody_sample_rate, cond.shape[0], start / self.frame_rate)
-            codes = generate_codes(self.params["lm"], cond, jnp.asarray(mask), jax.random.fold_in(key, start),
-                                   prompt, lm_config=self.config.lm, frames=window, sampling=sampling,
-                                   chroma=chroma, progress_every=progress_every, split_layers=split_layers)
+            reporting = (contextlib.nullcontext() if progress is None else
+                         progress_callback(counted_from(progress, sum(totals[:index]), sum(totals))))
+            with reporting:
+                codes = generate_codes(self.params["lm"], cond, jnp.asarray(mask), jax.random.fold_in(key, start),
+                                       prompt, lm_config=self.config.lm, frames=window, sampling=sampling,
+                                       chroma=chroma, progress_every=progress_every, split_layers=split_layers)
             codes = np.asarray(jax.block_until_ready(codes))
             windows.append(codes)
             pieces.append(codes[:, :, prompt.shape[-1]:])
@@ -334,7 +368,7 @@ class MusicGen:
         if self.config.lm.conditioning != "prepend":
             raise ValueError("melody conditioning needs a MusicGen-melody checkpoint; this model conditions on text "
                              "only (lm.conditioning='cross')")
-        melody = np.asarray(melody, np.float32)
+        melody = finite_audio("melody", melody)
         if melody.ndim == 2:
             melody = melody[:, None]
         if melody.ndim != 3 or melody.shape[0] != batch or melody.shape[-1] == 0:
@@ -362,7 +396,7 @@ class MusicGen:
         `generate_continuation`."""
         if prompt_audio is None:
             return np.zeros((batch, self.config.lm.num_codebooks, 0), np.int32)
-        audio = np.asarray(prompt_audio, np.float32)
+        audio = finite_audio("prompt_audio", prompt_audio)
         if audio.ndim == 2:
             audio = audio[:, None]
         if audio.ndim != 3 or audio.shape[-1] == 0:
@@ -373,7 +407,7 @@ class MusicGen:
         channels = self.channels
         if audio.shape[1] != channels:
             audio = np.stack([match_channels(clip, channels) for clip in audio])
-        rate = prompt_sample_rate or self.sample_rate
+        rate = sample_rate("prompt_sample_rate", prompt_sample_rate, self.sample_rate)
         if rate != self.sample_rate:
             from mgjax.conditioning.chroma import resample
             audio = np.asarray(resample(audio, rate, self.sample_rate))

@@ -30,7 +30,8 @@ def read_audio(path: str) -> tuple[np.ndarray, int]:
         raise ValueError(f"cannot read {path} as audio ({err}); use a wav/flac/ogg file") from None
     if data.shape[0] == 0:
         raise ValueError(f"{path} holds no samples")
-    return np.ascontiguousarray(data.T), int(sample_rate)
+    from mgjax.validation import finite_audio
+    return np.ascontiguousarray(finite_audio(path, data.T)), int(sample_rate)
 
 
 def match_channels(wav_CxN: np.ndarray, channels: int) -> np.ndarray:
@@ -46,10 +47,15 @@ def match_channels(wav_CxN: np.ndarray, channels: int) -> np.ndarray:
 
 def load_audio(path: str, sample_rate: int, channels: int) -> np.ndarray:
     """A file as `[channels, N]` float32 at `sample_rate` (mixed down / resampled as needed)."""
+    wav, rate = read_audio(path)
+    return conform(wav, rate, sample_rate, channels)
+
+
+def conform(wav_CxN: np.ndarray, rate: int, sample_rate: int, channels: int) -> np.ndarray:
+    """`[C, N]` audio at `rate` -> `[channels, M]` float32 at `sample_rate` (mixed down / resampled as needed)."""
     from mgjax.conditioning.chroma import resample
 
-    wav, rate = read_audio(path)
-    return np.asarray(resample(match_channels(wav, channels), rate, sample_rate))
+    return np.asarray(resample(match_channels(wav_CxN, channels), rate, sample_rate))
 
 
 def pcm16(wav: np.ndarray) -> np.ndarray:
@@ -93,14 +99,10 @@ def _wav_subtype(fmt: str) -> str:
     return SUBTYPES[fmt]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_atomically(path: str, wav_CxN: np.ndarray, sample_rate: int, container: str, subtype: str) -> str:
     import soundfile
+
+    from mgjax.runtime import current_umask
 
     data = np.asarray(wav_CxN, np.float32).T
     if subtype == "PCM_16":
@@ -113,7 +115,7 @@ def _write_atomically(path: str, wav_CxN: np.ndarray, sample_rate: int, containe
     os.close(fd)
     try:
         soundfile.write(tmp, data, sample_rate, subtype=subtype, format=container)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; the output gets the usual mode
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes the file private; the output gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

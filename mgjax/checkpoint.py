@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
+import warnings
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
@@ -21,6 +25,7 @@ import orbax.checkpoint as ocp
 import yaml
 
 from mgjax import config as config_lib
+from mgjax.runtime import current_umask
 
 META_FILE = "mgjax.json"
 CONFIG_FILE = "config.yaml"
@@ -34,20 +39,52 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing, foreign, corrupt or does not match its config."""
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def stale_temporaries(parent: str, name: str) -> list[str]:
+    """The leftovers of interrupted writes of `parent/name` (`.name.tmp-PID-*`, `.name.old-PID-*`) whose writing
+    process no longer runs (or whose name carries no process id: older mgjax versions)."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(?:tmp|old)-(?:(\d+)-)?")
+    stale = []
+    for entry in sorted(os.listdir(parent)):
+        found = pattern.match(entry)
+        if found and not (found.group(1) and _process_alive(int(found.group(1)))):
+            stale.append(os.path.join(parent, entry))
+    return stale
+
+
 @contextlib.contextmanager
 def atomic_directory(dst_dir: str, overwrite: bool = False) -> Iterator[str]:
-    """Yields a temporary directory beside `dst_dir`; renames it to `dst_dir` only if the block succeeds."""
+    """Yields a temporary directory beside `dst_dir`; renames it to `dst_dir` only if the block succeeds (an
+    exception, Ctrl-C or a handled signal removes it). Leftovers of writes killed outright are removed on the next
+    write to the same path (`stale_temporaries`); the result gets the mode of a normal `mkdir` (umask applied)."""
     dst_dir = os.path.abspath(dst_dir)
     if os.path.exists(dst_dir) and os.listdir(dst_dir) and not overwrite:
         raise CheckpointError(f"output directory {dst_dir} already exists and is not empty; "
                               f"choose another path or pass overwrite=True (--overwrite)")
     parent = os.path.dirname(dst_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(dst_dir)}.tmp-", dir=parent)
+    leftovers = stale_temporaries(parent, os.path.basename(dst_dir))
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+    if leftovers:
+        warnings.warn(f"removed {len(leftovers)} leftover(s) of an interrupted write of {dst_dir}: "
+                      f"{', '.join(leftovers)}", stacklevel=3)
+    tag = f".{os.path.basename(dst_dir)}.%s-{os.getpid()}-"
+    tmp_dir = tempfile.mkdtemp(prefix=tag % "tmp", dir=parent)
     try:
         yield tmp_dir
+        os.chmod(tmp_dir, 0o777 & ~current_umask())  # mkdtemp makes it private
         if os.path.exists(dst_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst_dir)}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=tag % "old", dir=parent)
             os.rename(dst_dir, os.path.join(old, "x"))
             os.rename(tmp_dir, dst_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -116,9 +153,17 @@ def read_config_dict(directory: str) -> dict:
     return raw
 
 
+def _key_name(key: Any) -> str:
+    """A key-path entry's plain name: a dict key, an attribute (dataclass / namedtuple field) or an index."""
+    for attribute in ("key", "name", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
 def _leaves_with_paths(tree: Any) -> dict[str, Any]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
+    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in flat}
 
 
 def check_tree_matches(expected: Any, actual: Any, what: str) -> None:
@@ -158,7 +203,7 @@ def restore_params(directory: str, abstract_params: Mapping[str, Any],
     try:
         stored = dict(checkpointer.metadata(params_dir).item_metadata.tree)
     except Exception as err:  # orbax raises several types for a missing/corrupt directory
-        raise CheckpointError(f"cannot read the parameters in {params_dir} ({type(err).__name__}: {err}); "
+        raise CheckpointError(f"cannot read the parameters in {params_dir} ({_first_line(err)}); "
                               f"the checkpoint is incomplete or corrupt, re-run the conversion") from None
     for key, abstract in abstract_params.items():
         if key not in stored:
@@ -176,7 +221,8 @@ def restore_params(directory: str, abstract_params: Mapping[str, Any],
     try:
         restored = checkpointer.restore(params_dir, target)
     except Exception as err:
-        raise CheckpointError(f"cannot restore the parameters in {params_dir} ({type(err).__name__}: {err}); "
+        _silence_abandoned_reads()
+        raise CheckpointError(f"cannot restore the parameters in {params_dir} ({_first_line(err)}); "
                               f"the checkpoint is truncated or corrupt, re-run the conversion") from None
     return {key: restored[key] for key in abstract_params}
 
@@ -194,6 +240,74 @@ def load_codec(directory: str):
         raise CheckpointError(f"{directory}/{CONFIG_FILE}: {err}") from None
     abstract = jax.eval_shape(lambda: init_codec_params(codec_config))
     return codec_config, restore_params(directory, {"codec": abstract})["codec"]
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A training checkpoint step whose files are missing or broken (the message says which)."""
+
+
+def diagnose_step(step_dir: str) -> str | None:
+    """What is visibly wrong with a training checkpoint step folder (empty, an item missing, no `_METADATA`, no
+    array data), or None when its files look complete."""
+    if not os.path.isdir(step_dir) or not os.listdir(step_dir):
+        return f"the step folder {step_dir} is empty (its write was killed before it began)"
+    for item in ("state", "meta"):
+        if not os.path.isdir(os.path.join(step_dir, item)):
+            return f"{step_dir}/{item} is missing (its write was cut short)"
+    state_dir = os.path.join(step_dir, "state")
+    if not os.path.isfile(os.path.join(state_dir, "_METADATA")):
+        return f"{state_dir}/_METADATA is missing (its write was cut short)"
+    if _ocdbt_data_missing(state_dir):
+        return f"{state_dir} has no array data (no ocdbt.process_* folder)"
+    return None
+
+
+def _stored_tree(state_dir: str) -> Any:
+    """The stored tree of shapes and dtypes of an Orbax item, or None when its metadata is unreadable."""
+    try:
+        return dict(ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree)
+    except Exception:  # orbax raises several types for unreadable metadata
+        return None
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message` of the innermost cause (the one naming the file; TensorStore's outer
+    errors run to pages), cut to `limit` characters."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    message = str(err).strip()
+    text = f"{type(err).__name__}: {message.splitlines()[0] if message else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_ABANDONED_READ = "_read_array_index_and_device_put"  # orbax's per-array read coroutine
+
+
+class _AbandonedReadFilter(logging.Filter):
+    """Drops asyncio's "... exception was never retrieved" reports of orbax's failed reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + (repr(record.exc_info[1]) if record.exc_info else "")
+        return not ("never retrieved" in text and ("orbax" in text or "TensorStore" in text))
+
+
+def _silence_abandoned_reads() -> None:
+    """Once per process, after a failed restore: keeps the reports of the read tasks orbax abandons (asyncio's
+    "Task exception was never retrieved", never-awaited coroutines, each with a TensorStore spec of a page) off the
+    console; they come when those tasks are collected, later. Only reports naming orbax's read coroutine are
+    dropped; the failure itself is raised and reported in one line."""
+    if any(isinstance(f, _AbandonedReadFilter) for f in logging.getLogger("asyncio").filters):
+        return
+    logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
+    warnings.filterwarnings("ignore", message=f"coroutine '{_ABANDONED_READ}' was never awaited",
+                            category=RuntimeWarning)
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if _ABANDONED_READ not in repr(unraisable.object):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 # ==================================================================================================================
@@ -243,18 +357,61 @@ class TrainCheckpointer:
         return started
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-        """(state, meta) of `step` (default: latest), laid out as `abstract_state`'s leaves (`ShapeDtypeStruct`s
-        with shardings) say."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """(state, meta) of `step`, laid out as `abstract_state`'s leaves (`ShapeDtypeStruct`s with shardings) say.
+
+        Without `step`: the newest intact checkpoint. A broken newer step (empty folder, missing `_METADATA`,
+        truncated data) is skipped with a warning naming it and why, and moved aside to `<step>.corrupt` (kept for
+        inspection, out of the way of the step's next save). A checkpoint of another model config is an error, not
+        skipped. A `CheckpointError` of a few lines when no step is intact."""
+        if step is not None:
+            return self._restore_step(abstract_state, int(step))
+        skipped: list[str] = []
+        for candidate in reversed(self.all_steps()):
+            try:
+                restored = self._restore_step(abstract_state, candidate)
+            except CorruptCheckpointError as err:
+                skipped.append(f"step {candidate}: {err}")
+                self._move_aside(candidate)
+                continue
+            if skipped:
+                warnings.warn(f"skipped broken training checkpoint(s) ({'; '.join(skipped)}), each moved aside to "
+                              f"<step>.corrupt; resuming from step {candidate}", stacklevel=2)
+            return restored
+        if not skipped:
             raise CheckpointError(f"no training checkpoint in {self.directory}")
+        raise CheckpointError("no intact training checkpoint in " + self.directory + ":\n  " + "\n  ".join(skipped)
+                              + "\neach was moved aside to <step>.corrupt: run again to start afresh, or restore a "
+                                "backup of the checkpoints folder")
+
+    def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, dict]:
+        """(state, meta) of `step`; `CorruptCheckpointError` when its files are broken, `CheckpointError` when they
+        hold another model config."""
+        step_dir = os.path.join(self.directory, str(step))
+        broken = diagnose_step(step_dir)
+        if broken:
+            raise CorruptCheckpointError(broken)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         try:
-            restored = self.manager.restore(int(step), args=args)
+            restored = self.manager.restore(step, args=args)
         except Exception as err:  # orbax raises several types for a missing/corrupt/mismatched checkpoint
-            raise CheckpointError(f"cannot restore the training checkpoint {self.directory}/{step} "
-                                  f"({type(err).__name__}: {err}); was it written by another model config?") from None
+            _silence_abandoned_reads()
+            stored = _stored_tree(os.path.join(step_dir, "state"))
+            if stored is None:
+                raise CorruptCheckpointError(f"{step_dir}/state/_METADATA is unreadable") from None
+            check_tree_matches(abstract_state, stored, f"training checkpoint {step_dir} (another model config?)")
+            raise CorruptCheckpointError(f"a data file under {step_dir}/state is truncated or corrupt "
+                                         f"({_first_line(err)})") from None
         return restored.state, dict(restored.meta or {})
+
+    def _move_aside(self, step: int) -> None:
+        """Renames the broken `step` folder to `<step>.corrupt` (host 0 only) and forgets it."""
+        if jax.process_index() == 0:
+            step_dir = os.path.join(self.directory, str(step))
+            target = step_dir + ".corrupt"
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.rename(step_dir, target)
+        self.manager.reload()
 
     def wait(self) -> None:
         """Blocks until pending async writes are on disk."""

@@ -130,6 +130,9 @@ class LMConfig:
     # backend: cpu on the CPU, plain elsewhere) | cpu | plain. The same numbers either way: a runtime choice that
     # changes the compiled program, never what the params mean.
     kernels: str = "auto"
+    # Layers per iteration of the scan over layers (1: one compiled layer). Larger trades compile time and code
+    # size for fewer loop iterations; the compile check compiles 1 and 2 to price one layer (`mgjax.aot`).
+    scan_unroll: int = 1
     num_chroma: int = 12  # melody models: chroma bins projected and prepended
     chroma_length: int = 235  # melody models: number of chroma frames in the prefix
     max_duration: float = 30.0  # seconds of the training window: longer generations go window by window
@@ -166,6 +169,9 @@ class LMConfig:
                               f"got {self.attention!r}")
         if self.kernels not in KERNELS:
             raise ConfigError(f"lm.kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+        if not 1 <= self.scan_unroll <= self.num_layers:
+            raise ConfigError(f"lm.scan_unroll must lie in [1, lm.num_layers={self.num_layers}], got "
+                              f"{self.scan_unroll}")
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"lm.compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
         if self.audio_channels not in (1, 2) or self.num_codebooks % self.audio_channels:
@@ -225,6 +231,26 @@ class TrainConfig:
     num_processes: int = 0  # 0: auto-detect
     process_id: int = -1  # -1: auto-detect
 
+    def validate(self) -> None:
+        """Sizes, rates and fractions in their ranges, every float finite: a bad value is found when the config is
+        read, before a run folder or a compiled program exists."""
+        from mgjax.validation import InvalidInput, as_float, as_int
+
+        big = 2 ** 31 - 1
+        whole = {"batch_size": 1, "grad_accum_steps": 1, "total_steps": 0, "warmup_steps": 0, "checkpoint_every": 1,
+                 "keep_checkpoints": 1, "log_every": 1, "eval_every": 0, "eval_batches": 1, "max_text_tokens": 1}
+        fractions = {"adam_b1": (0.0, 1.0), "adam_b2": (0.0, 1.0), "ema_decay": (0.0, 1.0), "cfg_dropout": (0.0, 1.0),
+                     "valid_fraction": (0.0, 1.0), "learning_rate": (0.0, 10.0), "weight_decay": (0.0, 10.0),
+                     "grad_clip": (0.0, 1e9), "opening_seconds": (0.0, 3600.0)}
+        try:
+            for name, low in whole.items():
+                as_int(f"train.{name}", getattr(self, name), low, big)
+            for name, (low, high) in fractions.items():
+                as_float(f"train.{name}", getattr(self, name), low, high)
+            as_float("train.segment_duration", self.segment_duration, 0.0, 3600.0, low_open=True, unit=" seconds")
+        except InvalidInput as err:
+            raise ConfigError(f"{err}; fix it in the config file or as an override (train.KEY=VALUE)") from None
+
 
 @dataclasses.dataclass(frozen=True)
 class MusicGenConfig:
@@ -239,6 +265,7 @@ class MusicGenConfig:
         self.codec.validate()
         self.text.validate()
         self.lm.validate()
+        self.train.validate()
         if self.lm.audio_channels == 2 and self.codec.channels != 1:
             raise ConfigError(f"lm.audio_channels=2 (stereo) codes each channel with a mono codec; codec.channels is "
                               f"{self.codec.channels}")

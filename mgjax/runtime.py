@@ -12,6 +12,13 @@ import os
 from typing import Any, Callable
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (read without changing it for longer than two calls)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 

@@ -38,12 +38,13 @@ class SamplingConfig:
     greedy: bool = False
 
     def validate(self) -> "SamplingConfig":
-        if not self.greedy and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (got {self.temperature}); use greedy=True for argmax decoding")
+        if not self.greedy and not 0 < self.temperature < float("inf"):
+            raise ValueError(f"temperature must be finite and > 0 (got {self.temperature}); use greedy=True for argmax "
+                             f"decoding")
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in [0, 1], got {self.top_p}")
-        if self.cfg_coef < 0:
-            raise ValueError(f"cfg_coef must be >= 0, got {self.cfg_coef}")
+        if not 0 <= self.cfg_coef < float("inf"):
+            raise ValueError(f"cfg_coef must be finite and >= 0, got {self.cfg_coef}")
         return self
 
 
@@ -117,6 +118,11 @@ class progress_callback:
         _progress["callback"] = self.previous
 
 
+def counted_from(progress: Callable[[int, int], None], offset: int, total: int) -> Callable[[int, int], None]:
+    """A window's `(step, window total)` reports -> `progress(offset + step, total)`: one count over all windows."""
+    return lambda step, _window_total: progress(offset + step, total)
+
+
 # --- the compiled generation -------------------------------------------------------------------------------------
 def write_masks(pattern: Pattern, frames: int, prompt_frames: int) -> tuple[np.ndarray, np.ndarray, int]:
     """`(writable [K, S], prompt_fixed [K, S], first step needing a new token)` for a generation of `frames`."""
@@ -179,6 +185,13 @@ def generate_codes(lm_params, cond: Array, cond_mask: Array, key: Array, prompt_
         jax.block_until_ready(seq)
         report(min(done + progress_every, num_steps - first), num_steps - first)
     return _finish(seq, lm_config=lm_config, frames=frames)
+
+
+def steps_to_sample(lm_config: LMConfig, frames: int, prompt_frames: int) -> int:
+    """How many pattern steps a generation of `frames` frames, the first `prompt_frames` given, samples (the
+    `total` its progress reports count to)."""
+    first, num_steps = _step_range(lm_config, frames, prompt_frames)
+    return num_steps - first
 
 
 def _step_range(lm_config: LMConfig, frames: int, prompt_frames: int) -> tuple[int, int]:

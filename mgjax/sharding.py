@@ -128,7 +128,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     spec = mesh_spec(tuple(logical_axes), x.shape, mesh)
-    return jax.lax.with_sharding_constraint(x, spec)
+    return x if spec == P() else jax.lax.with_sharding_constraint(x, spec)
 
 
 def logical_shardings(abstract_boxed: Any, mesh: Mesh,

@@ -173,23 +173,22 @@ def test_sample_refuses_melody_for_a_text_only_model(converted, tmp_path):
     assert result.returncode == 2 and "MusicGen-melody" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_progress_bar_restarts_its_rate_for_each_window(monkeypatch, capsys):
-    """Every window of a long generation reports steps 10, 20, ... again: each starts a new line whose rate counts
-    only that window's steps (the second window here runs 10 steps in 1 s: 10.0 steps/s, not a rate diluted by
-    the first window's time)."""
+def test_progress_bar_counts_over_the_whole_generation(monkeypatch, capsys):
+    """`MusicGen.generate` reports the steps of all windows of a long generation as one count (10, 20, ... 60 over
+    two windows of 30): the bar stays on one line and its time left covers the whole generation, measured from
+    the first report (20 steps in 2 s: 10 steps/s, 40 steps to go)."""
     from helpers_scripts import load_script
 
     sample = load_script("sample.py", "sample_cli")
-    clock = iter([0.0, 1.0, 2.0, 100.0, 101.0])
+    clock = iter([0.0, 1.0, 2.0])
     monkeypatch.setattr(sample.time, "perf_counter", lambda: next(clock))
     bar = sample.ProgressBar("prompts 1-1", True)
-    for step in (10, 20, 30, 10, 20):
-        bar(step, 30)
+    for step in (10, 20, 30):
+        bar(step, 60)
     bar.close()
     lines = [line.split("\r")[-1] for line in capsys.readouterr().err.strip().split("\n")]
-    assert len(lines) == 2
-    assert lines[0].rstrip().endswith("30/30 steps 10.0 steps/s")
-    assert lines[1].rstrip().endswith("20/30 steps 10.0 steps/s, 1 s left")  # 10 steps to go at 10 steps/s
+    assert len(lines) == 1
+    assert lines[0].rstrip().endswith("30/60 steps 10.0 steps/s, 3 s left")
 
 
 def test_bench_train_threads_pins_the_process_and_refuses_an_impossible_count():

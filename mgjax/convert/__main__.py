@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+
+
+def exit_on_signal(number: int, _frame) -> None:
+    """A signal handler that raises SystemExit(128 + signal), so `finally` blocks and cleanups run."""
+    raise SystemExit(128 + number)
 
 
 def main(argv=None) -> int:
@@ -16,7 +22,17 @@ def main(argv=None) -> int:
                         help="transformers T5 directory (audiocraft checkpoints do not hold the T5 weights)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
+    # Unwind (removing the half-written output) instead of dying; the previous handlers come back at the end.
+    previous = {number: signal.signal(number, exit_on_signal) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return convert(args)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
+
+def convert(args: argparse.Namespace) -> int:
+    """Runs the conversion `args` ask for -> exit status (2 with a one-line error for a bad source or target)."""
     from mgjax.checkpoint import CheckpointError
     from mgjax.config import ConfigError
     from mgjax.convert import convert_checkpoint

@@ -35,7 +35,7 @@ from mgjax.convert.audiocraft_config import (cfg_get, codec_config_from_audiocra
 from mgjax.convert.encodec_weights import AUDIOCRAFT, codec_params
 from mgjax.convert.hf_lm import DECODER, lm_params_from_hf
 from mgjax.convert.hf_t5 import t5_config_from_hf, t5_params_from_hf
-from mgjax.convert.io import ConversionError, load_torch_file, load_transformers_state_dict
+from mgjax.convert.io import ConversionError, UnsafePickleError, load_torch_file, load_transformers_state_dict
 
 LM_FILE = "state_dict.bin"
 CODEC_FILE = "compression_state_dict.bin"
@@ -47,11 +47,12 @@ def read_package(path: str) -> tuple[dict, dict]:
     """One audiocraft package -> `(state dict of torch tensors, xp.cfg as a plain dict)`."""
     try:
         package = load_torch_file(path)
-    except ConversionError as err:
-        if "omegaconf" in str(err):
-            raise ConversionError(f"{path} stores xp.cfg as an omegaconf object, which needs omegaconf to read: "
-                                  f"pip install omegaconf (or re-save it with pkg['xp.cfg'] = "
-                                  f"OmegaConf.to_yaml(pkg['xp.cfg']))") from None
+    except UnsafePickleError as err:
+        if "omegaconf" in str(err):  # the config audiocraft's training checkpoints pickle
+            raise UnsafePickleError(f"{path} stores xp.cfg as a pickled omegaconf object; mgjax reads tensors and "
+                                    f"plain values only, because unpickling objects can run any code. Where you "
+                                    f"trust the file, re-save it with pkg['xp.cfg'] = OmegaConf.to_yaml(pkg['xp.cfg']) "
+                                    f"(audiocraft's exported checkpoints already store it so)") from None
         raise
     if not isinstance(package, Mapping):
         raise ConversionError(f"{path} holds a {type(package).__name__}, not an audiocraft package "

@@ -18,14 +18,8 @@ _INTERPOLATION = re.compile(r"\$\{([^${}]+)\}")
 
 
 def parse_xp_cfg(raw: Any, path: str) -> dict:
-    """`xp.cfg` as stored (YAML string, dict, or omegaconf object when omegaconf is installed) -> plain dict."""
-    if type(raw).__module__.split(".")[0] == "omegaconf":
-        try:
-            from omegaconf import OmegaConf
-        except ImportError:
-            raise ConversionError(f"{path}: xp.cfg is an omegaconf {type(raw).__name__}; pip install omegaconf to "
-                                  f"read it") from None
-        raw = OmegaConf.to_container(raw, resolve=True)
+    """`xp.cfg` as stored (YAML string or dict; pickled omegaconf objects are refused unread, see
+    `io.load_torch_file`) -> plain dict."""
     if isinstance(raw, (str, bytes)):
         try:
             raw = yaml.safe_load(raw)

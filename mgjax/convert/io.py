@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from typing import Mapping
 
 import numpy as np
@@ -21,18 +23,40 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+class UnsafePickleError(ConversionError):
+    """A PyTorch file holding Python objects besides tensors and plain containers: refused unread, since
+    unpickling them could run any code."""
+
+
 def load_torch_file(path: str) -> dict:
-    """`torch.load` of a trusted checkpoint file onto the CPU; a clear error when torch is not installed."""
+    """`torch.load(weights_only=True)` onto the CPU: tensors, numbers, strings and plain containers only, so a
+    file from anywhere cannot run code while it is read. Anything else raises `UnsafePickleError` naming the
+    first refused object; a clear error when torch is not installed."""
     try:
         import torch
     except ImportError:
         raise ConversionError(f"reading {path} needs PyTorch: pip install torch==2.13.0 (CPU build), "
                               f"or re-save the checkpoint as safetensors") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise ConversionError(f"{path} is not a readable PyTorch file ({type(err).__name__}: {err}); "
+                                  f"it may be truncated or corrupt") from None
+        raise UnsafePickleError(f"{path} holds a pickled Python object ({refused_global(str(err))}) besides tensors; "
+                                f"mgjax reads tensors only, because unpickling objects can run any code. Convert a "
+                                f"safetensors copy of these weights, or re-save them as tensors where you trust "
+                                f"the file") from None
     except Exception as err:
         raise ConversionError(f"{path} is not a readable PyTorch file ({type(err).__name__}: {err}); "
                               f"it may be truncated or corrupt") from None
+
+
+def refused_global(message: str) -> str:
+    """The `module.name` the weights-only unpickler refused, from its error message ('an unsupported object' when
+    the message names none)."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    return found.group(1) if found else "an unsupported object"
 
 
 def load_transformers_state_dict(directory: str) -> dict[str, np.ndarray]:
@@ -40,7 +64,9 @@ def load_transformers_state_dict(directory: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     names = sorted(os.listdir(directory))
-    index = [n for n in names if n.endswith(".safetensors.index.json") or n.endswith(".bin.index.json")]
+    # safetensors first: it holds only arrays, while a .bin is a pickle (read weights-only, but still a pickle)
+    index = ([n for n in names if n.endswith(".safetensors.index.json")] or
+             [n for n in names if n.endswith(".bin.index.json")])
     if index:
         with open(os.path.join(directory, index[0])) as f:
             files = sorted(set(json.load(f)["weight_map"].values()))

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
+from mgjax.sharding import mesh_spec
+
 Array = jax.Array
 IMPLEMENTATIONS = ("auto", "dense", "pallas", "pallas_interpret", "cudnn")
 BACKEND_DEFAULTS = {"tpu": "pallas", "gpu": "cudnn", "cpu": "dense"}
@@ -65,11 +67,31 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False, kv_mask: Ar
     if name == "dense":
         return dense_attention(q, k, v, causal=causal, kv_mask=kv_mask, q_offset=q_offset)
     if name in ("pallas", "pallas_interpret"):
-        return splash_attention(q, k, v, causal=causal, kv_mask=kv_mask, q_offset=q_offset,
-                                interpret=name == "pallas_interpret")
+        def kernel(q, k, v, kv_mask):
+            return splash_attention(q, k, v, causal=causal, kv_mask=kv_mask, q_offset=q_offset,
+                                    interpret=name == "pallas_interpret")
+        return per_shard(kernel, q, k, v, kv_mask)
     cudnn_ok = q.dtype in (jnp.bfloat16, jnp.float16)
     return _xla_sdpa(q, k, v, causal=causal, kv_mask=kv_mask, q_offset=q_offset,
                      implementation="cudnn" if cudnn_ok else None, length_multiple=CUDNN_LENGTH_MULTIPLE)
+
+
+def per_shard(kernel, q: Array, k: Array, v: Array, kv_mask: Array | None) -> Array:
+    """`kernel(q, k, v, kv_mask)` on each device's shard under the current mesh (`jax.set_mesh`), as it is without
+    one: XLA cannot partition a Mosaic kernel, so it runs in `shard_map` over batch and heads (the
+    `activation_batch` / `activation_heads` rules of `mgjax.sharding`; lengths and head width stay whole, so the
+    kernel sees whole rows). Shapes as `attention`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, kv_mask)
+    axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+    q_spec, kv_spec = mesh_spec(axes, q.shape, mesh), mesh_spec(axes, k.shape, mesh)
+    if kv_mask is None:
+        return jax.shard_map(lambda q, k, v: kernel(q, k, v, None), in_specs=(q_spec, kv_spec, kv_spec),
+                             out_specs=q_spec, check_vma=False)(q, k, v)
+    mask_spec = jax.sharding.PartitionSpec(kv_spec[0] if len(kv_spec) else None)
+    return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, mask_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, kv_mask)
 
 
 def dense_attention(q: Array, k: Array, v: Array, *, causal: bool = False, kv_mask: Array | None = None,

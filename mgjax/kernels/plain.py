@@ -8,6 +8,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mgjax.lm.remat import tag
+from mgjax.sharding import constrain
+
 Array = jax.Array
 
 
@@ -17,8 +20,10 @@ def einsum(spec: str, x: Array, weight: Array) -> Array:
 
 
 def gelu_mlp(x: Array, fc1: Array, fc2: Array) -> Array:
-    """`gelu(x @ fc1) @ fc2` (exact erf GELU): x `[..., D]`, fc1 `[D, F]`, fc2 `[F, D]` -> `[..., D]`."""
-    return jax.nn.gelu(x @ fc1, approximate=False) @ fc2
+    """`gelu(x @ fc1) @ fc2` (exact erf GELU): x `[B, T, D]`, fc1 `[D, F]`, fc2 `[F, D]` -> `[B, T, D]`; the hidden
+    `[B, T, F]` is sharded on F by the `activation_mlp` rule and tagged "mlp_hidden" for remat policies."""
+    hidden = tag(constrain(x @ fc1, ("activation_batch", "activation_length", "activation_mlp")), "mlp_hidden")
+    return jax.nn.gelu(hidden, approximate=False) @ fc2
 
 
 def codebook_heads(x: Array, kernel: Array) -> Array:

@@ -18,6 +18,8 @@ KV cache (an explicit pytree, float in the compute dtype):
     {'index': int32 [] (next write position), 'k', 'v': [L, B, H, P + max_length, Dh],
      'cross_k', 'cross_v': [L, B, Lc, H, Dh] and 'cross_mask': [B, Lc] (cross only)}
 where P is the prefix length (0 for cross). Positions are cache positions: the code column t sits at P + t.
+`CACHE_AXES` names the logical axes of each entry (`mgjax.sharding.LOGICAL_RULES` maps them: batch over
+data/fsdp, heads over tensor), and `init_cache` constrains the cache to them.
 `kernels.cpu.split_for_decoding` gives the same cache with each of 'k', 'v', 'cross_k', 'cross_v' as a tuple of L
 per-layer arrays, for `decode_step(codes, cache, layer_params)` (what the CPU sampler runs).
 
@@ -36,10 +38,21 @@ from flax import linen as nn
 from mgjax.config import LMConfig
 from mgjax.kernels.cpu import decode_layers_one_by_one
 from mgjax.kernels.select import kernels_for
+from mgjax.sharding import constrain
 from mgjax.lm.transformer import (DecoderLayer, LayerNorm, default_init, param_with_axes, project, quantize_weight,
                                   scanned_layers, sinusoidal_positions)
 
 Array = jax.Array
+
+# Logical axes of the KV cache's entries (see the module docstring for the layout).
+CACHE_AXES = {
+    "index": (),
+    "k": ("cache_layers", "cache_batch", "cache_heads", "cache_length", "cache_kv"),
+    "v": ("cache_layers", "cache_batch", "cache_heads", "cache_length", "cache_kv"),
+    "cross_k": ("cache_layers", "cache_batch", "cache_length", "cache_heads", "cache_kv"),
+    "cross_v": ("cache_layers", "cache_batch", "cache_length", "cache_heads", "cache_kv"),
+    "cross_mask": ("cache_batch", "cache_length"),
+}
 
 
 class CodebookEmbed(nn.Module):
@@ -186,9 +199,11 @@ class MusicGenLM(nn.Module):
         states = conds["states"].astype(dtype)
         batch, prefix = states.shape[0], (states.shape[1] if self.prepend else 0)
         shape = (c.num_layers, batch, c.num_heads, prefix + max_length, c.head_dim)
-        cache = {"index": jnp.zeros((), jnp.int32), "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        empty = constrain(jnp.zeros(shape, dtype), CACHE_AXES["k"])
+        cache = {"index": jnp.zeros((), jnp.int32), "k": empty, "v": empty}
         if not self.prepend:
             _, cross = self.layers.cross_key_value(states)
+            cross = {name: constrain(value, CACHE_AXES["cross_k"]) for name, value in cross.items()}
             return dict(cache, cross_k=cross["k"], cross_v=cross["v"], cross_mask=conds["mask"].astype(bool))
         x = states + sinusoidal_positions(jnp.arange(prefix), c.dim).astype(dtype)
         (_, kv, _), _ = self.layers((x, {"k": cache["k"], "v": cache["v"]}, jnp.zeros((), jnp.int32)),

@@ -4,9 +4,14 @@ Shapes: B batch, T query length, S key length (the KV cache length when decoding
 Dh head width, F feed-forward width, L number of layers, Lc condition length.
 
 A layer runs in one of two modes, chosen by whether a self-attention cache slice is passed:
-- teacher-forced: causal attention over its own input, nothing is stored;
+- teacher-forced: causal attention over its own input, nothing is stored; the attention core is
+  `mgjax.kernels.attention` (`lm.attention`: Pallas splash on TPU, cuDNN on GPU, dense on CPU);
 - cached: the new keys/values are written into the cache at `index` (`lax.dynamic_update_slice`) and the queries
-  attend to every cache position `<= index + t`; cross-attention keys/values come precomputed.
+  attend to every cache position `<= index + t` (dense: one query row per step); cross-attention keys/values come
+  precomputed.
+
+Activations are constrained by logical axes at the layer boundaries (`mgjax.sharding.constrain`: a no-op without a
+mesh) and tagged by name for remat policies (`mgjax.lm.remat`).
 """
 from __future__ import annotations
 
@@ -19,10 +24,17 @@ from flax import linen as nn
 from jax import lax
 
 from mgjax.config import LMConfig
+from mgjax.kernels.attention import attention
 from mgjax.kernels.select import kernels_for
+from mgjax.lm.remat import policy as remat_policy
+from mgjax.lm.remat import tag
+from mgjax.sharding import constrain
 
 Array = jax.Array
 NEG_INF = float(jnp.finfo(jnp.float32).min)
+# logical axes of the activations constrained at layer boundaries (`mgjax.sharding.LOGICAL_RULES`)
+EMBED_AXES = ("activation_batch", "activation_length", "activation_embed")  # [B, T, D]
+HEAD_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")  # [B, T, H, Dh]
 default_init = nn.initializers.normal(stddev=0.02)  # transformers' MusicGen init (initializer_factor)
 
 
@@ -245,26 +257,32 @@ class DecoderLayer(nn.Module):
         position of x[:, 0]. Returns ((x, cache, layer + 1), None).
         """
         x, cache, layer = carry
+        x = constrain(x, EMBED_AXES)
         h = self.self_attn_norm(x)
-        q = self.self_attn.query(h)
+        q = tag(constrain(self.self_attn.query(h), HEAD_AXES), "query")
         k, v = self.self_attn.key_value(h)
+        k, v = tag(constrain(k, HEAD_AXES), "key"), tag(constrain(v, HEAD_AXES), "value")
         if cache is None:
-            attended = dot_product_attention(q, k, v, causal_mask(x.shape[1]))
+            attended = attention(q, k, v, causal=True, implementation=self.config.attention)
         else:
             cache = {name: write_cache(cache[name], new, layer, index) for name, new in (("k", k), ("v", v))}
             k, v = layer_cache(cache["k"], layer), layer_cache(cache["v"], layer)
             attended = dot_product_attention(q, k, v, cached_causal_mask(index, x.shape[1], k.shape[2]),
                                              heads_first=True)
-        x = x + self.self_attn.output(attended)
+        attended = tag(constrain(attended, HEAD_AXES), "attention")
+        x = x + tag(constrain(self.self_attn.output(attended), EMBED_AXES), "self_attention_out")
 
         if self.config.conditioning == "cross" and (cond is not None or cross_kv is not None):
             h = self.cross_attn_norm(x)
             q = self.cross_attn.query(h)
             ck, cv = self.cross_attn.key_value(cond) if cross_kv is None else (cross_kv["k"], cross_kv["v"])
-            mask = None if cond_mask is None else cond_mask[:, None, None, :]
-            x = x + self.cross_attn.output(dot_product_attention(q, ck, cv, mask))
+            if cache is None:
+                attended = attention(q, ck, cv, kv_mask=cond_mask, implementation=self.config.attention)
+            else:
+                attended = dot_product_attention(q, ck, cv, None if cond_mask is None else cond_mask[:, None, None, :])
+            x = x + tag(constrain(self.cross_attn.output(attended), EMBED_AXES), "cross_attention_out")
 
-        x = x + self.ffn(self.ffn_norm(x))
+        x = x + tag(constrain(self.ffn(self.ffn_norm(x)), EMBED_AXES), "mlp_out")
         return (x, cache, layer + 1), None
 
     def cross_key_value(self, cond: Array) -> tuple[Array, dict]:
@@ -281,10 +299,10 @@ def scanned_layers(config: LMConfig, name: str = "layers") -> nn.Module:
     `cross_key_value(cond)` -> (cond, `{'k','v': [L, B, Lc, H, Dh]}`).
     """
     layer = DecoderLayer
-    if config.remat:
-        layer = nn.remat(layer, prevent_cse=False)
+    if config.effective_remat_policy != "none":
+        layer = nn.remat(layer, prevent_cse=False, policy=remat_policy(config.effective_remat_policy))
     common = dict(variable_axes={"params": 0}, split_rngs={"params": True}, length=config.num_layers,
-                  metadata_params={nn.PARTITION_NAME: "layers"})
+                  unroll=config.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
     methods = {
         "__call__": dict(common, in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast)),
         "cross_key_value": dict(common, in_axes=()),

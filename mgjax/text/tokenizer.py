@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,7 +41,38 @@ def tokenize(tokenizer: Any, prompts: Sequence[str]) -> tuple[np.ndarray, np.nda
     encoded = tokenizer(prompts, padding="longest", return_tensors="np")
     input_ids = np.asarray(encoded["input_ids"], dtype=np.int32)
     attention_mask = np.asarray(encoded["attention_mask"], dtype=np.int32)
+    unknown = unknown_words(prompts, input_ids, getattr(tokenizer, "unk_token_id", None),
+                            getattr(encoded, "encodings", None))
+    if unknown:
+        shown = ", ".join(repr(word) for word in unknown[:20]) + (", ..." if len(unknown) > 20 else "")
+        warnings.warn(f"{len(unknown)} prompt word(s) unknown to the checkpoint's tokenizer are read as <unk>, which "
+                      f"means nothing to the model: {shown}; rephrase with words it knows (the tokenizer knows "
+                      f"{len(tokenizer.get_vocab())} tokens: tokenizer.get_vocab())", UnknownWordsWarning, stacklevel=2)
     return input_ids, attention_mask
+
+
+class UnknownWordsWarning(UserWarning):
+    """Prompt words the tokenizer has no token for (they become its unknown token)."""
+
+
+def unknown_words(prompts: Sequence[str], input_ids_BxL: np.ndarray, unk_id: int | None,
+                  encodings: Sequence[Any] | None = None) -> list[str]:
+    """The distinct words of `prompts` that became the unknown token `unk_id` in `input_ids_BxL`, in order of
+    appearance, cut out of the prompts by the fast tokenizer's `encodings[i].offsets` ('<unk>' per token without
+    them). Empty when `unk_id` is None."""
+    if unk_id is None:
+        return []
+    words: list[str] = []
+    for row, prompt in enumerate(prompts):
+        for position in np.nonzero(np.asarray(input_ids_BxL[row]) == unk_id)[0]:
+            if encodings is not None:
+                start, end = encodings[row].offsets[int(position)]
+                word = prompt[start:end] or "<unk>"
+            else:
+                word = "<unk>"
+            if word not in words:
+                words.append(word)
+    return words
 
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
