@@ -12,12 +12,19 @@ TEST_WORKERS ?= 2
 LIBTPU ?= libtpu==0.0.42.*
 LIBTPU_DIR ?= .libtpu
 
-.PHONY: install sample test bench clean tpu-tools
+.PHONY: install sample test bench clean tpu-tools app browser-tools
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,app]'
 	touch $@
+
+# The browser tests' system packages (Chromium for Playwright, ffmpeg for Gradio's audio stream). Not fatal: where
+# apt is unavailable, tests/test_app.py skips and says which is missing.
+browser-tools:
+	@(command -v chromium && command -v ffmpeg) >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y -qq chromium ffmpeg) \
+		|| echo "warning: could not install chromium/ffmpeg; the browser tests will be skipped"
 
 install: $(VENV)/.installed
 
@@ -31,13 +38,17 @@ tpu-tools: $(VENV)/.installed $(LIBTPU_DIR)/.installed
 sample: $(VENV)/.installed
 	$(PY) sample.py --prompt "$(PROMPT)" --overwrite $(ARGS)
 
-test: $(VENV)/.installed tpu-tools
+app: $(VENV)/.installed
+	$(PY) app.py $(ARGS)
+
+test: $(VENV)/.installed tpu-tools browser-tools
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_codec.py
 	$(PY) bench/bench_sampling.py
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_stream.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache $(LIBTPU_DIR)

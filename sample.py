@@ -358,7 +358,8 @@ def main(argv=None) -> int:
     from mgjax.runtime import keep_host_memory, use_compilation_cache
 
     keep_host_memory()  # before JAX starts its threads
-    use_compilation_cache(args.compile_cache)
+    if not args.compile_only:  # TPU executables have no place in this machine's cache
+        use_compilation_cache(args.compile_cache)
     warnings.showwarning = lambda message, *_args, **_kwargs: print(f"warning: {message}", file=sys.stderr)
     try:
         return compile_check(args) if args.compile_only else run(args)

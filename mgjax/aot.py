@@ -78,7 +78,10 @@ def tpu_topology(name: str, num_slices: int = 1) -> list[Any]:
     if importlib.util.find_spec("libtpu") is None:
         raise TopologyError("compiling for a TPU topology needs libtpu: run `make tpu-tools` (installs it into "
                             f"{LIBTPU_DIR}, outside the venv) or `pip install 'mgjax[tpu]'`")
-    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    kwargs: dict[str, Any] = {"num_slices": num_slices} if num_slices > 1 else {}
+    chips = [int(n) for n in re.findall(r"\d+", name.partition(":")[2])]
+    if chips and math.prod(chips) < 4:  # a host has 2x2 chips by default; one or two chips make a smaller host
+        kwargs["chips_per_host_bounds"] = tuple(chips + [1] * (3 - len(chips)))
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **kwargs).devices)
     except Exception as error:  # XLA's message for an unknown name is long; keep its first line
@@ -344,14 +347,29 @@ class CompileReport:
         return self.total_bytes <= self.chip.hbm_bytes
 
     @property
+    def compute_seconds(self) -> float:
+        """The step's FLOPs at the chip's bf16 peak."""
+        return self.flops_per_device / self.chip.peak_bf16_flops
+
+    @property
+    def memory_seconds(self) -> float:
+        """The step's HBM traffic at the chip's bandwidth."""
+        return self.bytes_per_device / self.chip.hbm_bytes_per_second
+
+    @property
     def step_seconds(self) -> float:
-        return max(self.flops_per_device / self.chip.peak_bf16_flops,
-                   self.bytes_per_device / self.chip.hbm_bytes_per_second)
+        return max(self.compute_seconds, self.memory_seconds)
+
+    @property
+    def compute_bound_mfu(self) -> float:
+        """MFU if the step ran at the compute roofline (the ceiling this program's FLOPs allow)."""
+        if not self.model_flops or not self.compute_seconds:
+            return 0.0
+        return self.model_flops / self.compute_seconds / (self.devices * self.chip.peak_bf16_flops)
 
     @property
     def bound(self) -> str:
-        compute = self.flops_per_device / self.chip.peak_bf16_flops
-        return "compute" if compute >= self.bytes_per_device / self.chip.hbm_bytes_per_second else "HBM bandwidth"
+        return "compute" if self.compute_seconds >= self.memory_seconds else "HBM bandwidth"
 
     @property
     def mfu(self) -> float:
@@ -374,11 +392,13 @@ class CompileReport:
             f"{self.output_bytes / GiB:.2f} (aliased {self.alias_bytes / GiB:.2f}), temporaries "
             f"{self.temp_bytes / GiB:.2f} GiB",
             f"  per device per step: {self.flops_per_device:.3e} FLOPs, {self.bytes_per_device / GiB:.2f} GiB of HBM "
-            f"traffic -> estimated step time {self.step_seconds * 1e3:.1f} ms ({self.bound} bound; roofline)",
+            f"traffic -> estimated step time {self.step_seconds * 1e3:.1f} ms ({self.bound} bound; roofline: "
+            f"compute {self.compute_seconds * 1e3:.1f} ms, HBM {self.memory_seconds * 1e3:.1f} ms)",
         ]
         if self.model_flops:
             frames = self.frames_per_second
-            lines.append(f"  model FLOPs per step {self.model_flops:.3e}: MFU {self.mfu:.1%} of "
+            lines.append(f"  model FLOPs per step {self.model_flops:.3e}: MFU {self.mfu:.1%} (at the compute "
+                         f"roofline {self.compute_bound_mfu:.1%}) of "
                          f"{self.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip; {frames:,.0f} frames/s = "
                          f"{frames * self.codebooks:,.0f} tokens/s ({self.codebooks} codebooks)")
         elif self.frames_per_step:
@@ -502,7 +522,7 @@ def run_train_check(config: Any, args: Any) -> int:
     try:
         result = train_report(config, args.topology, args.num_slices)
     except (TopologyError, DoesNotFit) as error:
-        return _refused(error, args.topology)
+        return _refused(error, args.topology, TRAIN_FIX)
     print(result.summary(), flush=True)
     return 0 if result.fits else 1
 
@@ -516,15 +536,20 @@ def run_sample_check(config: Any, args: Any) -> int:
     try:
         result = generate_report(config, args.topology, mesh_shape, batch=args.batch_size, seconds=args.duration)
     except (TopologyError, DoesNotFit) as error:
-        return _refused(error, args.topology)
+        return _refused(error, args.topology, SAMPLE_FIX)
     print(result.summary(), flush=True)
     return 0 if result.fits else 1
 
 
-def _refused(error: Exception, topology: str) -> int:
+TRAIN_FIX = ("shard more (train.mesh_shape with fsdp/tensor > 1), turn on remat (lm.remat_policy=full), or lower "
+             "train.batch_size")
+SAMPLE_FIX = ("spread the model over more chips (--mesh-shape 1,1,N on a larger --topology), or lower --batch-size or "
+              "--duration (the KV cache grows with both)")
+
+
+def _refused(error: Exception, topology: str, fix: str) -> int:
     if isinstance(error, DoesNotFit):
-        print(f"does not fit on {topology}: {error}\nfix: shard more (train.mesh_shape with fsdp/tensor > 1), "
-              "turn on remat (lm.remat_policy=full), or lower train.batch_size", file=sys.stderr)
+        print(f"does not fit on {topology}: {error}\nfix: {fix}", file=sys.stderr)
         return 1
     print(f"error: {error}", file=sys.stderr)
     return 2

@@ -1,12 +1,11 @@
 """The `MusicGen` facade: load a converted checkpoint, encode/decode audio, generate music from text."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -18,9 +17,10 @@ from mgjax.audio import match_channels
 from mgjax.codec.encodec import Codec, EncodecModel
 from mgjax.config import ConfigError, MusicGenConfig, T5Config, from_dict
 from mgjax.lm.model import MusicGenLM, quantize_lm_params
-from mgjax.sampling import (SamplingConfig, counted_from, generate_codes, progress_callback,
-                             split_layers_by_default, steps_to_sample)
+from mgjax.sampling import (SamplingConfig, generate_codes, generate_in_chunks, split_layers_by_default,
+                             steps_to_sample)
 from mgjax.runtime import jit_once
+from mgjax.streaming import channels_from_batch, stereo_to_batch
 from mgjax.text.t5 import T5Encoder
 from mgjax.validation import InvalidInput, finite_audio, generation_settings, long_duration_note, sample_rate
 
@@ -30,6 +30,20 @@ class GenerationOutput:
     """`wav` float32 `[B, C, N]` at the model's sample rate; `codes` int32 `[B, K, T]`."""
 
     wav: np.ndarray
+    codes: np.ndarray
+
+
+class WindowChunk(NamedTuple):
+    """One compiled call of a windowed generation: the window covers frames `[start, start + W)` of the piece, its
+    first `prompt_frames` given; `done` of its `total` sampling steps ran (`steps_before` in earlier windows, of
+    `steps_all`). `codes` `[B, K, W]`: final where `sampling.complete_frames` says so, the rest provisional."""
+
+    start: int
+    prompt_frames: int
+    done: int
+    total: int
+    steps_before: int
+    steps_all: int
     codes: np.ndarray
 
 
@@ -206,9 +220,7 @@ class MusicGen:
         if codes.ndim != 3 or codes.shape[1] != self.config.lm.num_codebooks:
             raise ValueError(f"this stereo model decodes [batch, {self.config.lm.num_codebooks}, frames] codes, got "
                              f"shape {codes.shape}")
-        batch = codes.shape[0]
-        wav = self.codec.decode(jnp.concatenate([codes[:, ::2], codes[:, 1::2]], axis=0))  # [2B, 1, N]
-        return jnp.concatenate([wav[:batch], wav[batch:]], axis=1)
+        return channels_from_batch(self.codec.decode(stereo_to_batch(codes)), codes.shape[0])
 
     # --- text ---------------------------------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str] | None, input_ids=None, attention_mask=None):
@@ -257,6 +269,30 @@ class MusicGen:
         `progress(step, total)` is called every `progress_every` decoding steps, counting over all windows.
         Every setting is checked first (`mgjax.validation.generation_settings`, as `sample.py` checks its flags).
         """
+        request = self._text_request(prompts, duration, input_ids=input_ids, attention_mask=attention_mask,
+                                     melody=melody, melody_sample_rate=melody_sample_rate, prompt_audio=prompt_audio,
+                                     prompt_sample_rate=prompt_sample_rate, top_k=top_k, top_p=top_p,
+                                     temperature=temperature, cfg_coef=cfg_coef, greedy=greedy, seed=seed)
+        return self._generate_from_text_states(**request, progress=progress, progress_every=progress_every)
+
+    def generate_stream(self, prompts: Sequence[str] | None = None, duration: float = 10.0, *, chunk_steps: int = 0,
+                        progress: Optional[Callable[[int, int], None]] = None, **options) -> Iterator[np.ndarray]:
+        """`generate`, heard while it is made: yields float32 audio chunks `[B, C, n]` whose concatenation is
+        `generate(...).wav` for the same arguments (`options`: `generate`'s keywords; checked before this returns).
+
+        The LM runs `chunk_steps` pattern steps per compiled call (default: half a second of frames); after each
+        call the frames whose K codes are all sampled are decoded incrementally (`mgjax.streaming`), the codec's
+        right context (`lookahead_frames`) held back until known. `progress(step, total)` after each call."""
+        request = self._text_request(prompts, duration, **options)
+        from mgjax.streaming import stream_generation
+        steps = chunk_steps if chunk_steps > 0 else max(1, int(round(self.frame_rate / 2)))
+        return stream_generation(self, **request, chunk_steps=steps, progress=progress)
+
+    def _text_request(self, prompts, duration, *, input_ids=None, attention_mask=None, melody=None,
+                      melody_sample_rate: Optional[int] = None, prompt_audio=None,
+                      prompt_sample_rate: Optional[int] = None, top_k: int = 250, top_p: float = 0.0,
+                      temperature: float = 1.0, cfg_coef: float = 3.0, greedy: bool = False, seed: int = 0) -> dict:
+        """`generate`'s arguments checked and turned into `_generate_from_text_states`'s: T5 states, settings."""
         settings = self._checked_settings(prompt_audio, prompt_sample_rate, duration=duration, top_k=top_k, top_p=top_p,
                                           temperature=temperature, cfg_coef=cfg_coef, seed=seed, greedy=greedy)
         melody_sample_rate = sample_rate("melody_sample_rate", melody_sample_rate, self.sample_rate)
@@ -268,10 +304,9 @@ class MusicGen:
         duration = settings.pop("duration")
         sampling = SamplingConfig(**settings).validate()
         melody = self._check_melody(melody, ids.shape[0])
-        return self._generate_from_text_states(self.encode_text(ids, mask), mask, duration, sampling, seed,
-                                               melody=melody, melody_sample_rate=melody_sample_rate,
-                                               prompt_audio=prompt_audio, prompt_sample_rate=prompt_sample_rate,
-                                               progress=progress, progress_every=progress_every)
+        return dict(cond=self.encode_text(ids, mask), mask=mask, duration=duration, sampling=sampling, seed=seed,
+                    melody=melody, melody_sample_rate=melody_sample_rate, prompt_audio=prompt_audio,
+                    prompt_sample_rate=prompt_sample_rate)
 
     def generate_unconditional(self, num_samples: int = 1, duration: float = 10.0, *, prompt_audio=None,
                                prompt_sample_rate: Optional[int] = None, top_k: int = 250, top_p: float = 0.0,
@@ -337,11 +372,25 @@ class MusicGen:
         same length W (the last one is cut after generation, which a causal model allows), so at most two programs
         compile: the first window and the prompted ones.
         """
+        pieces, windows = [prompt_codes], []
+        every = progress_every if progress is not None else 0
+        for chunk in self.iter_windows(cond, mask, prompt_codes, frames, sampling, key, melody=melody,
+                                       melody_sample_rate=melody_sample_rate, steps_per_call=every):
+            if every:
+                progress(chunk.steps_before + chunk.done, chunk.steps_all)
+            if chunk.done == chunk.total:
+                windows.append(chunk.codes)
+                pieces.append(chunk.codes[:, :, chunk.prompt_frames:])
+        return np.concatenate(pieces, axis=-1)[:, :, :frames], windows
+
+    def iter_windows(self, cond, mask, prompt_codes, frames: int, sampling: SamplingConfig, key, *, melody=None,
+                     melody_sample_rate: int = 32000, steps_per_call: int = 0) -> Iterator["WindowChunk"]:
+        """The window walk of `generate_windows`, one `WindowChunk` per compiled call: each window whole (one
+        program) with `steps_per_call` 0, else after every `steps_per_call` steps (`sampling.generate_in_chunks`)."""
         window, stride = self.window_frames()
         window = min(window, frames)
         # Decided once: a flip between windows (available memory changing) would recompile the window program.
         split_layers = split_layers_by_default(self.params["lm"], self.config.lm.kernels)
-        pieces, windows = [prompt_codes], []
         prompt = prompt_codes
         plan = window_plan(frames, window, stride, prompt_codes.shape[-1])
         totals = [steps_to_sample(self.config.lm, window, prompt_codes.shape[-1] if i == 0 else window - stride)
@@ -350,17 +399,15 @@ class MusicGen:
             chroma = None
             if self.config.lm.conditioning == "prepend":
                 chroma = self._window_chroma(melody, melody_sample_rate, cond.shape[0], start / self.frame_rate)
-            reporting = (contextlib.nullcontext() if progress is None else
-                         progress_callback(counted_from(progress, sum(totals[:index]), sum(totals))))
-            with reporting:
-                codes = generate_codes(self.params["lm"], cond, jnp.asarray(mask), jax.random.fold_in(key, start),
-                                       prompt, lm_config=self.config.lm, frames=window, sampling=sampling,
-                                       chroma=chroma, progress_every=progress_every, split_layers=split_layers)
-            codes = np.asarray(jax.block_until_ready(codes))
-            windows.append(codes)
-            pieces.append(codes[:, :, prompt.shape[-1]:])
+            arguments = (self.params["lm"], cond, jnp.asarray(mask), jax.random.fold_in(key, start), prompt)
+            options = dict(lm_config=self.config.lm, frames=window, sampling=sampling, chroma=chroma,
+                           split_layers=split_layers)
+            calls = (generate_in_chunks(*arguments, steps_per_call=steps_per_call, **options) if steps_per_call > 0
+                     else [(totals[index], totals[index], generate_codes(*arguments, **options))])
+            for done, total, codes in calls:
+                codes = np.asarray(jax.block_until_ready(codes))
+                yield WindowChunk(start, prompt.shape[-1], done, total, sum(totals[:index]), sum(totals), codes)
             prompt = codes[:, :, stride:]
-        return np.concatenate(pieces, axis=-1)[:, :, :frames], windows
 
     def _check_melody(self, melody, batch: int):
         if melody is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -118,11 +118,6 @@ class progress_callback:
         _progress["callback"] = self.previous
 
 
-def counted_from(progress: Callable[[int, int], None], offset: int, total: int) -> Callable[[int, int], None]:
-    """A window's `(step, window total)` reports -> `progress(offset + step, total)`: one count over all windows."""
-    return lambda step, _window_total: progress(offset + step, total)
-
-
 # --- the compiled generation -------------------------------------------------------------------------------------
 def write_masks(pattern: Pattern, frames: int, prompt_frames: int) -> tuple[np.ndarray, np.ndarray, int]:
     """`(writable [K, S], prompt_fixed [K, S], first step needing a new token)` for a generation of `frames`."""
@@ -165,6 +160,21 @@ def generate_codes(lm_params, cond: Array, cond_mask: Array, key: Array, prompt_
     reporting between calls: the same tokens, and no host callback inside, so every program stays serialisable
     for the persistent compilation cache.
     """
+    report = _progress["callback"]
+    if progress_every <= 0 or report is None:
+        traced, statics, prompt_codes = _loop_arguments(lm_params, prompt_codes, lm_config=lm_config, frames=frames,
+                                                        sampling=sampling, split_layers=split_layers)
+        return _generate_codes(lm_params, cond, cond_mask, key, prompt_codes, chroma, *traced, **statics)
+    for done, total, codes in generate_in_chunks(lm_params, cond, cond_mask, key, prompt_codes, lm_config=lm_config,
+                                                 frames=frames, sampling=sampling, chroma=chroma,
+                                                 steps_per_call=progress_every, split_layers=split_layers):
+        report(done, total)
+    return codes
+
+
+def _loop_arguments(lm_params, prompt_codes, *, lm_config: LMConfig, frames: int, sampling: SamplingConfig,
+                    split_layers: Optional[bool]) -> tuple[tuple, dict, Array]:
+    """`(traced settings, static arguments, prompt codes [B, K, Tp] int32)` of the compiled loops, checked."""
     sampling.validate()
     if not 0 <= prompt_codes.shape[-1] <= frames:
         raise ValueError(f"the audio prompt has {prompt_codes.shape[-1]} frames, more than the {frames} to generate")
@@ -172,19 +182,40 @@ def generate_codes(lm_params, cond: Array, cond_mask: Array, key: Array, prompt_
         split_layers = split_layers_by_default(lm_params, lm_config.kernels)
     traced = (jnp.float32(sampling.cfg_coef), jnp.float32(sampling.temperature), jnp.float32(sampling.top_p))
     statics = dict(lm_config=lm_config, frames=frames, shape=_LoopShape.of(sampling), split_layers=bool(split_layers))
-    prompt_codes = jnp.asarray(prompt_codes, jnp.int32)
-    report = _progress["callback"]
-    if progress_every <= 0 or report is None:
-        return _generate_codes(lm_params, cond, cond_mask, key, prompt_codes, chroma, *traced, **statics)
+    return traced, statics, jnp.asarray(prompt_codes, jnp.int32)
+
+
+def generate_in_chunks(lm_params, cond: Array, cond_mask: Array, key: Array, prompt_codes: Array, *,
+                       lm_config: LMConfig, frames: int, sampling: SamplingConfig, chroma: Optional[Array] = None,
+                       steps_per_call: int, split_layers: Optional[bool] = None) -> Iterator[tuple[int, int, Array]]:
+    """`generate_codes` as a compiled prefill, then `steps_per_call` steps per call of one compiled program (the
+    KV cache donated from call to call). Yields `(steps done, steps total, codes [B, K, frames])` for each call,
+    once the next call is dispatched (JAX runs it while the caller reads these codes): the same tokens as one
+    program; a code is final once its pattern step is done (`complete_frames`)."""
+    traced, statics, prompt_codes = _loop_arguments(lm_params, prompt_codes, lm_config=lm_config, frames=frames,
+                                                    sampling=sampling, split_layers=split_layers)
     seq, cache, layer_params = _start_generation(lm_params, cond, cond_mask, prompt_codes, chroma, **statics)
     first, num_steps = _step_range(lm_config, frames, prompt_codes.shape[-1])
-    for done in range(0, num_steps - first, progress_every):
+    pending = None
+    for done in range(0, num_steps - first, steps_per_call):
         seq, cache = _advance(lm_params, layer_params, seq, cache, key, jnp.int32(first + done), *traced,
-                              lm_config=lm_config, frames=frames, shape=statics["shape"], steps=progress_every,
+                              lm_config=lm_config, frames=frames, shape=statics["shape"], steps=steps_per_call,
                               prompt_frames=prompt_codes.shape[-1])
-        jax.block_until_ready(seq)
-        report(min(done + progress_every, num_steps - first), num_steps - first)
-    return _finish(seq, lm_config=lm_config, frames=frames)
+        codes = _finish(seq, lm_config=lm_config, frames=frames)  # dispatched before the next call donates seq
+        if pending is not None:  # yielded once the next call is on its way: the caller's work overlaps it
+            yield pending
+        pending = (min(done + steps_per_call, num_steps - first), num_steps - first, codes)
+    if pending is not None:
+        yield pending
+
+
+def complete_frames(lm_config: LMConfig, frames: int, prompt_frames: int, steps_done: int) -> int:
+    """How many leading frames of a generation have all their K codes once `steps_done` sampling steps ran (with
+    the delay pattern, frame t's last codebook is sampled K - 1 steps after its first); prompt frames are given."""
+    first, _ = _step_range(lm_config, frames, prompt_frames)
+    last_step_T = pattern_from_config(lm_config).code_steps(frames).max(axis=0)
+    complete_T = (np.arange(frames) < prompt_frames) | (last_step_T < first + steps_done)
+    return int(np.argmin(complete_T)) if not complete_T.all() else frames
 
 
 def steps_to_sample(lm_config: LMConfig, frames: int, prompt_frames: int) -> int:

@@ -123,9 +123,9 @@ def mesh_spec(logical_spec: Any, shape: Sequence[int], mesh: Mesh,
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical axis names (one per dim of x) under the current mesh (`jax.set_mesh`);
-    x unchanged when no mesh is set (single-device runs, tests) or every dim maps to None."""
+    x unchanged when no mesh (or a one-device mesh) is set, or every dim maps to None."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or mesh.size == 1:
         return x
     spec = mesh_spec(tuple(logical_axes), x.shape, mesh)
     return x if spec == P() else jax.lax.with_sharding_constraint(x, spec)

@@ -144,8 +144,17 @@ class LSTM(nn.Module):
 
 
 def lstm_layer(x_BxNxC: jax.Array, w_ih: jax.Array, w_hh: jax.Array, bias: jax.Array) -> jax.Array:
-    """One LSTM layer: the input projection for all steps at once, then a `lax.scan` over time for the recurrence."""
+    """One LSTM layer from a zero state (see `lstm_layer_from`)."""
     batch, _, hidden = x_BxNxC.shape
+    zeros = jnp.zeros((batch, hidden), x_BxNxC.dtype)
+    return lstm_layer_from(x_BxNxC, w_ih, w_hh, bias, (zeros, zeros))[0]
+
+
+def lstm_layer_from(x_BxNxC: jax.Array, w_ih: jax.Array, w_hh: jax.Array, bias: jax.Array,
+                    state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One LSTM layer from `state` = (h, c) `[B, H]` each: the input projection for all steps at once, then a
+    `lax.scan` over time for the recurrence. Returns the outputs `[B, N, H]` and the state after the last step,
+    so a sequence fed in pieces gives the outputs of feeding it whole."""
     gates_in_NxBx4H = jnp.einsum("bnc,cg->nbg", x_BxNxC, w_ih.astype(x_BxNxC.dtype)) + bias.astype(x_BxNxC.dtype)
     w_hh = w_hh.astype(x_BxNxC.dtype)
 
@@ -157,9 +166,8 @@ def lstm_layer(x_BxNxC: jax.Array, w_ih: jax.Array, w_hh: jax.Array, bias: jax.A
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
         return (h, c), h
 
-    zeros = jnp.zeros((batch, hidden), x_BxNxC.dtype)
-    _, h_NxBxH = jax.lax.scan(step, (zeros, zeros), gates_in_NxBx4H)
-    return jnp.transpose(h_NxBxH, (1, 0, 2))
+    state, h_NxBxH = jax.lax.scan(step, state, gates_in_NxBx4H)
+    return jnp.transpose(h_NxBxH, (1, 0, 2)), state
 
 
 class ResnetBlock(nn.Module):

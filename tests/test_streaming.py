@@ -1,0 +1,121 @@
+"""Streaming: the incremental codec decode equals the offline one, and `generate_stream` yields, chunk by chunk and
+before the LM is done, exactly `generate`'s audio (mono, stereo, melody, continuation, across window boundaries)."""
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+
+import mgjax
+from mgjax.codec.encodec import Codec
+from mgjax.codec.streaming import StreamingDecoder
+from mgjax.config import load_config
+
+TOLERANCE = 1e-5  # float32 round-off: the same convolutions on spans of other lengths (measured: <= 6e-7)
+PIECES = [[1] * 3 + [5] * 4, [3, 0, 11, 2]]  # frames per push (the rest comes with final=True)
+
+
+@functools.lru_cache(maxsize=2)
+def codec(lstm_layers: int) -> Codec:
+    config = load_config("tiny").codec
+    return Codec.from_config(dataclasses.replace(config, lstm_layers=lstm_layers), seed=1)
+
+
+def streamed(decoder: StreamingDecoder, codes: np.ndarray, pieces: list[int]) -> np.ndarray:
+    """`codes [B, K, T]` pushed `pieces` frames at a time, the rest with `final=True`: the audio `[B, C, N]`."""
+    out, position = [], 0
+    for size in pieces:
+        out.append(decoder.push(codes[:, :, position: position + size]))
+        position += size
+    out.append(decoder.push(codes[:, :, position:], final=True))
+    assert all(chunk.shape[-1] % decoder.config.hop_length == 0 for chunk in out)
+    return np.concatenate(out, axis=-1)
+
+
+def random_codes(config, frames: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, config.codebook_size, (2, config.n_q, frames)).astype(np.int32)
+
+
+@pytest.mark.parametrize("lstm_layers", [0, 2])
+def test_incremental_decode_equals_offline(lstm_layers):
+    """Non-causal reflect-padded convolutions (+ a carried 2-layer LSTM): any split of the codes into pushes gives
+    the offline decode's samples, the first and last ones (padded at the true edges) included."""
+    model = codec(lstm_layers)
+    codes = random_codes(model.config, 23)
+    offline = np.asarray(model.decode(codes))
+    for pieces in PIECES:
+        np.testing.assert_allclose(streamed(StreamingDecoder(model, 2), codes, pieces), offline, atol=TOLERANCE,
+                                   rtol=0)
+
+
+@pytest.mark.parametrize("lstm_layers", [0, 1])
+def test_lookahead_is_the_smallest_exact_one(lstm_layers):
+    """One frame less of right context (before or after the LSTM) and the streamed samples differ from the offline
+    ones by far more than round-off: the lookahead, which is the stream's latency, cannot be shortened."""
+    model = codec(lstm_layers)
+    codes = random_codes(model.config, 20, seed=1)
+    offline = np.asarray(model.decode(codes))
+    decoder = StreamingDecoder(model, 2)
+    assert decoder.lookahead_frames == decoder.pre_context[1] + decoder.post_context[1] > 0
+    stages = ["pre_context", "post_context"] if lstm_layers else ["post_context"]
+    for stage in stages:
+        short = StreamingDecoder(model, 2)
+        left, right = getattr(short, stage)
+        if right == 0:
+            continue
+        setattr(short, stage, (left, right - 1))
+        assert np.abs(streamed(short, codes, [4] * 4) - offline).max() > 1e-3, stage
+
+
+@functools.lru_cache(maxsize=4)
+def model(*overrides: str) -> mgjax.MusicGen:
+    """Tiny random-weight model with a 1 s window advancing 0.5 s (1.6 s pieces cross two window boundaries)."""
+    config = load_config("tiny", ["lm.max_duration=1", "lm.extend_stride=0.5", "lm.num_layers=1", *overrides])
+    return mgjax.MusicGen.from_config(config, seed=2)
+
+
+IDS = np.array([[4, 8, 15, 16], [23, 42, 0, 0]], np.int32)
+MASK = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.int32)
+
+
+def assert_stream_is_generate(mg: mgjax.MusicGen, chunk_steps: int, **options):
+    """`generate_stream`'s chunks, concatenated, equal `generate`'s audio; the first chunk arrives while sampling
+    steps remain (progress seen before it < total), and more than one chunk comes."""
+    events = []
+    chunks = []
+    for chunk in mg.generate_stream(input_ids=IDS, attention_mask=MASK, chunk_steps=chunk_steps,
+                                    progress=lambda step, total: events.append((step, total)), **options):
+        assert chunk.ndim == 3 and chunk.shape[:2] == (2, mg.channels) and chunk.shape[-1] > 0
+        chunks.append(chunk)
+        events.append("chunk")
+    offline = mg.generate(input_ids=IDS, attention_mask=MASK, **options).wav
+    np.testing.assert_allclose(np.concatenate(chunks, axis=-1), offline, atol=TOLERANCE, rtol=0)
+    first = events.index("chunk")
+    step, total = events[first - 1]
+    assert step < total and len(chunks) > 2, events
+
+
+def tones(seconds: float, *hertz: float) -> np.ndarray:
+    """One sine per batch row, `[len(hertz), 1, N]` at 32 kHz."""
+    t = np.arange(int(seconds * 32000)) / 32000
+    return np.stack([np.sin(2 * np.pi * f * t) for f in hertz])[:, None].astype(np.float32) * 0.5
+
+
+def test_mono_melody_continuation_stream_equals_generate_across_windows():
+    """Mono melody model, 1.6 s in 1 s windows (two boundaries), continuing a 0.3 s audio prompt (whose audio is
+    streamed first) with the melody re-read per window."""
+    mg = model("lm.conditioning=prepend", "lm.chroma_length=8")
+    assert_stream_is_generate(mg, 7, duration=1.6, top_k=10, seed=3, prompt_audio=tones(0.3, 440, 550),
+                              melody=tones(1.2, 220, 330))
+
+
+def test_stereo_stream_equals_generate_across_windows():
+    assert_stream_is_generate(model("lm.audio_channels=2", "lm.num_codebooks=8"), 9, duration=1.1, top_p=0.9,
+                              seed=4)
+
+
+def test_stream_checks_its_arguments_before_returning():
+    """Bad settings raise at the call (as `generate` does), not at the first chunk."""
+    with pytest.raises(mgjax.validation.InvalidInput, match="temperature"):
+        model("lm.audio_channels=2", "lm.num_codebooks=8").generate_stream(input_ids=IDS, attention_mask=MASK,
+                                                                           temperature=float("nan"))
