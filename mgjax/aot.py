@@ -360,12 +360,16 @@ class CompileReport:
     def step_seconds(self) -> float:
         return max(self.compute_seconds, self.memory_seconds)
 
+    def mfu_at(self, step_seconds: float) -> float:
+        """Model FLOPs per second at a step time of `step_seconds` over the slice's bf16 peak (0 if unknown)."""
+        if not self.model_flops or not step_seconds:
+            return 0.0
+        return self.model_flops / step_seconds / (self.devices * self.chip.peak_bf16_flops)
+
     @property
     def compute_bound_mfu(self) -> float:
         """MFU if the step ran at the compute roofline (the ceiling this program's FLOPs allow)."""
-        if not self.model_flops or not self.compute_seconds:
-            return 0.0
-        return self.model_flops / self.compute_seconds / (self.devices * self.chip.peak_bf16_flops)
+        return self.mfu_at(self.compute_seconds)
 
     @property
     def bound(self) -> str:
@@ -373,10 +377,8 @@ class CompileReport:
 
     @property
     def mfu(self) -> float:
-        """Model FLOPs per second at the estimated step time over the slice's bf16 peak."""
-        if not self.model_flops or not self.step_seconds:
-            return 0.0
-        return self.model_flops / self.step_seconds / (self.devices * self.chip.peak_bf16_flops)
+        """MFU at the estimated step time."""
+        return self.mfu_at(self.step_seconds)
 
     @property
     def frames_per_second(self) -> float:
