@@ -203,6 +203,7 @@ def compile_generate(config: Any, mesh: Any, *, batch: int, seconds: float, text
 
     from mgjax import sampling as sampling_lib
     from mgjax import sharding
+    from mgjax.lm.model import weights_for_compute
 
     sampling = sampling or sampling_lib.SamplingConfig()
     lm_config = config.lm
@@ -213,7 +214,8 @@ def compile_generate(config: Any, mesh: Any, *, batch: int, seconds: float, text
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
-    args = (abstract_lm_params(config, mesh), rows((batch, text_tokens, config.text.d_model), jnp.float32),
+    params = weights_for_compute(abstract_lm_params(config, mesh), lm_config)  # as `with_compute_dtype` holds them
+    args = (params, rows((batch, text_tokens, config.text.d_model), jnp.float32),
             rows((batch, text_tokens), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)),
             rows((batch, lm_config.num_codebooks, 0), jnp.int32), None, scalar, scalar, scalar)
     start = time.perf_counter()
@@ -283,7 +285,8 @@ def attention_kernel_flops(config: Any) -> float:
 
 def decode_step_cost(config: Any, mesh: Any, batch: int, frames: int, use_cfg: bool = True) -> tuple[float, float]:
     """(FLOPs, HBM bytes) per device of one decoding step, averaged over a generation of `frames` frames: every
-    LM weight (float32, as stored; split over `tensor`) and the filled half of the KV cache are read once per step;
+    LM weight (matmul weights in the compute dtype as `weights_for_compute` holds them, int8 as int8, the rest
+    float32; split over `tensor`) and the filled half of the KV cache are read once per step;
     the matmuls cost 2 FLOPs per weight per row (CFG doubles the rows)."""
     lm = config.lm
     tensor = mesh.shape.get("tensor", 1)
@@ -294,7 +297,8 @@ def decode_step_cost(config: Any, mesh: Any, batch: int, frames: int, use_cfg: b
     head_weights = lm.num_codebooks * lm.dim * lm.card
     dtype_bytes = 2 if lm.compute_dtype in ("bfloat16", "float16") else 4
     cache_bytes = lm.num_layers * 2 * rows * lm.dim * (frames / 2) * dtype_bytes / tensor
-    weight_bytes = 4 * (layer_weights + head_weights + lm.num_codebooks * (lm.card + 1) * lm.dim) / tensor
+    matmul_bytes = 1 if lm.weight_format == "int8" else dtype_bytes  # as `weights_for_compute` holds them
+    weight_bytes = (matmul_bytes * (layer_weights + head_weights) + 4 * lm.num_codebooks * (lm.card + 1) * lm.dim) / tensor
     flops = 2 * rows * (layer_weights + head_weights) / tensor + 2 * 2 * rows * lm.dim * frames / 2 * lm.num_layers
     return flops, weight_bytes + cache_bytes
 

@@ -13,14 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mgjax import checkpoint
-from mgjax.audio import match_channels
+from mgjax.audio import channels_from_batch, channels_to_batch, codes_from_batch, codes_to_batch, conform
 from mgjax.codec.encodec import Codec, EncodecModel
 from mgjax.config import ConfigError, MusicGenConfig, T5Config, from_dict
-from mgjax.lm.model import MusicGenLM, quantize_lm_params
+from mgjax.lm.model import MusicGenLM, quantize_lm_params, weights_for_compute
 from mgjax.sampling import (SamplingConfig, generate_codes, generate_in_chunks, split_layers_by_default,
                              steps_to_sample)
 from mgjax.runtime import jit_once
-from mgjax.streaming import channels_from_batch, stereo_to_batch
 from mgjax.text.t5 import T5Encoder
 from mgjax.validation import InvalidInput, finite_audio, generation_settings, long_duration_note, sample_rate
 
@@ -128,10 +127,14 @@ class MusicGen:
                         dict(self.params, lm=quantize_lm_params(self.params["lm"])), self.tokenizer)
 
     def with_compute_dtype(self, dtype: str) -> "MusicGen":
-        """A copy whose LM computes in `dtype` ('float32', 'bfloat16' or 'float16'; `lm.compute_dtype`), params
-        kept as stored and cast per use. The half-precision dtypes are for GPUs and TPUs (half the activation and
-        KV-cache bytes); float32 is the exact-parity path and, on a CPU, the faster one."""
-        return self._with_lm_settings(compute_dtype=str(dtype))
+        """A copy whose LM computes in `dtype` ('float32', 'bfloat16' or 'float16'; `lm.compute_dtype`). The
+        half-precision dtypes are for GPUs and TPUs (half the activation, KV-cache and weight bytes): the LM's
+        matmul weights are then stored in `dtype` (`weights_for_compute`: the values each matmul would cast them
+        to, so the same logits), the rest of the params as they are. float32 is the exact-parity path and, on a
+        CPU, the faster one (weights already cast stay at their rounded values)."""
+        copy = self._with_lm_settings(compute_dtype=str(dtype))
+        return MusicGen(copy.config, dict(copy.params, lm=weights_for_compute(copy.params["lm"], copy.config.lm)),
+                        copy.tokenizer)
 
     def with_extend_stride(self, seconds: float) -> "MusicGen":
         """A copy whose generations past the model's window (`lm.max_duration`) advance by `seconds` per window
@@ -206,10 +209,7 @@ class MusicGen:
         wav = jnp.asarray(wav)
         if wav.ndim != 3 or wav.shape[1] != 2:
             raise ValueError(f"this stereo model encodes [batch, 2, samples] audio, got shape {wav.shape}")
-        batch = wav.shape[0]
-        codes = self.codec.encode(jnp.concatenate([wav[:, :1], wav[:, 1:]], axis=0))  # [2B, K/2, T]: left, right
-        left, right = codes[:batch], codes[batch:]
-        return jnp.stack([left, right], axis=2).reshape(batch, -1, codes.shape[-1])
+        return codes_from_batch(self.codec.encode(channels_to_batch(wav)), wav.shape[0])  # via [2B, K/2, T]
 
     def decode(self, codes) -> jax.Array:
         """int32 `[B, K, T]` -> float32 `[B, C, T * hop]`; stereo models: the even codebooks are the left channel,
@@ -220,7 +220,7 @@ class MusicGen:
         if codes.ndim != 3 or codes.shape[1] != self.config.lm.num_codebooks:
             raise ValueError(f"this stereo model decodes [batch, {self.config.lm.num_codebooks}, frames] codes, got "
                              f"shape {codes.shape}")
-        return channels_from_batch(self.codec.decode(stereo_to_batch(codes)), codes.shape[0])
+        return channels_from_batch(self.codec.decode(codes_to_batch(codes)), codes.shape[0])
 
     # --- text ---------------------------------------------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str] | None, input_ids=None, attention_mask=None):
@@ -266,8 +266,10 @@ class MusicGen:
         (default `sample_rate`; resampled and its channels matched as needed): continuation, its codes kept as the
         first frames of the output. Durations beyond the model's window (`lm.max_duration`) are generated window
         by window, each window prompted with the last `max_duration - extend_stride` seconds of the previous one.
-        `progress(step, total)` is called every `progress_every` decoding steps, counting over all windows.
-        Every setting is checked first (`mgjax.validation.generation_settings`, as `sample.py` checks its flags).
+        `progress(step, total)` is called on the host every `progress_every` decoding steps, counting over all
+        windows: the steps then run in compiled calls of `progress_every` steps, `progress` between them (the same
+        tokens). Every setting is checked first (`mgjax.validation.generation_settings`, as `sample.py` checks its
+        flags).
         """
         request = self._text_request(prompts, duration, input_ids=input_ids, attention_mask=attention_mask,
                                      melody=melody, melody_sample_rate=melody_sample_rate, prompt_audio=prompt_audio,
@@ -451,13 +453,8 @@ class MusicGen:
                              f"got shape {np.shape(prompt_audio)}")
         if audio.shape[0] != batch:
             raise ValueError(f"prompt_audio has batch {audio.shape[0]} but there are {batch} prompts")
-        channels = self.channels
-        if audio.shape[1] != channels:
-            audio = np.stack([match_channels(clip, channels) for clip in audio])
         rate = sample_rate("prompt_sample_rate", prompt_sample_rate, self.sample_rate)
-        if rate != self.sample_rate:
-            from mgjax.conditioning.chroma import resample
-            audio = np.asarray(resample(audio, rate, self.sample_rate))
+        audio = conform(audio, rate, self.sample_rate, self.channels)
         prompt_codes = np.asarray(self.encode(audio))
         limit = min(frames, self.window_frames()[0])
         if prompt_codes.shape[-1] >= limit:

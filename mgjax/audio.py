@@ -1,7 +1,17 @@
-"""Audio files in and out: reading, channel matching, resampling, loudness and level normalisation, atomic wav
-writing. Arrays are `[C, N]` float32."""
+"""Audio in one place: reading (with validation), channel matching, resampling, the stereo layout of a mono codec,
+loudness and level normalisation, atomic writing. Arrays are `[C, N]` float32 (`[..., C, N]` where batches pass).
+
+Training data (`data.py`), codec training, audio prompts, melodies (`conditioning/chroma.py`), the CLI, the app and
+the eval all come through here, so training audio and inference inputs pass through the same filters:
+- one channel rule (`match_channels`): any number of channels -> mono averages them, mono -> C channels duplicates
+  it, anything else (e.g. 6 channels -> stereo) is an error;
+- one resampler (`resample`): torchaudio's windowed-sinc `functional.resample` with the settings of MusicGen-melody's
+  feature extractor, whose chroma parity rests on it. `RESAMPLER` names it; the training code cache keys on it.
+"""
 from __future__ import annotations
 
+import functools
+import math
 import os
 import tempfile
 
@@ -35,14 +45,19 @@ def read_audio(path: str) -> tuple[np.ndarray, int]:
 
 
 def match_channels(wav_CxN: np.ndarray, channels: int) -> np.ndarray:
-    """Mixes down to mono (mean) or duplicates a mono signal; refuses other channel changes."""
-    if wav_CxN.shape[0] == channels:
-        return wav_CxN
+    """`[..., C, N]` -> `[..., channels, N]` (dtype kept): any C -> 1 averages the channels, 1 -> channels
+    duplicates the mono signal; other changes (e.g. 6 channels -> 2) are refused."""
+    wav = np.asarray(wav_CxN)
+    if wav.ndim < 2 or wav.shape[-2] < 1 or channels < 1:
+        raise ValueError(f"cannot map audio of shape {wav.shape} ([..., channels, samples]) to {channels} channels")
+    if wav.shape[-2] == channels:
+        return wav
     if channels == 1:
-        return wav_CxN.mean(axis=0, keepdims=True)
-    if wav_CxN.shape[0] == 1:
-        return np.repeat(wav_CxN, channels, axis=0)
-    raise ValueError(f"cannot map {wav_CxN.shape[0]} audio channels to {channels}")
+        return wav.mean(axis=-2, keepdims=True)
+    if wav.shape[-2] == 1:
+        return np.repeat(wav, channels, axis=-2)
+    raise ValueError(f"cannot map {wav.shape[-2]} audio channels to {channels}: only a mix-down to mono or a mono "
+                     f"signal duplicated are defined; give mono or {channels}-channel audio")
 
 
 def load_audio(path: str, sample_rate: int, channels: int) -> np.ndarray:
@@ -52,10 +67,136 @@ def load_audio(path: str, sample_rate: int, channels: int) -> np.ndarray:
 
 
 def conform(wav_CxN: np.ndarray, rate: int, sample_rate: int, channels: int) -> np.ndarray:
-    """`[C, N]` audio at `rate` -> `[channels, M]` float32 at `sample_rate` (mixed down / resampled as needed)."""
-    from mgjax.conditioning.chroma import resample
+    """`[..., C, N]` audio at `rate` -> `[..., channels, M]` float32 at `sample_rate` (`match_channels`, then
+    `resample` where the rates differ)."""
+    wav = match_channels(wav_CxN, channels)
+    if int(rate) == int(sample_rate):
+        return np.asarray(wav, np.float32)
+    return np.asarray(resample(wav, rate, sample_rate))
 
-    return np.asarray(resample(match_channels(wav_CxN, channels), rate, sample_rate))
+
+# ----------------------------------------------------------------------------------------------- resampling
+# torchaudio.functional.resample (sinc_interp_hann) as MusicGen-melody's feature extractor calls it. Changing
+# anything here changes training codes: change `RESAMPLER` with it, so cached codes are encoded again.
+RESAMPLE_ROLLOFF = 0.945
+RESAMPLE_LOWPASS_WIDTH = 24
+RESAMPLER = f"torchaudio-sinc-hann-width{RESAMPLE_LOWPASS_WIDTH}-rolloff{RESAMPLE_ROLLOFF}"
+_MAX_KERNEL_ELEMENTS = 1 << 26  # resampling kernels above this (256 MiB float32) are refused
+
+
+@functools.lru_cache(maxsize=16)
+def _sinc_resample_kernel(orig: int, new: int, lowpass_filter_width: int, rolloff: float):
+    """Kernel `[new, 1, 2 * width + orig]` (rates already divided by their gcd) and `width`."""
+    base = min(orig, new) * rolloff
+    width = math.ceil(lowpass_filter_width * orig / base)
+    n_taps = 2 * width + orig
+    if new * n_taps > _MAX_KERNEL_ELEMENTS:
+        raise ValueError(
+            f"resampling {orig}:{new} (after gcd reduction) needs a {new} x {n_taps} kernel; "
+            "resample to a rate with a simpler ratio to 32000 first"
+        )
+    # float32 arithmetic in torchaudio's order (it builds the kernel in the waveform's dtype, float32 here), so
+    # the kernel matches the reference's to ~1 ulp rather than being a (slightly different) float64 one
+    f32 = np.float32
+    idx = np.arange(-width, width + orig, dtype=f32)[None, :] / f32(orig)
+    t = np.arange(0, -new, -1, dtype=f32)[:, None] / f32(new) + idx
+    t = np.clip(t * f32(base), f32(-lowpass_filter_width), f32(lowpass_filter_width))
+    window = np.cos(t * f32(math.pi) / f32(lowpass_filter_width) / f32(2)) ** 2
+    t = t * f32(math.pi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kern = np.where(t == 0, f32(1.0), np.sin(t) / t)
+    kern = (kern * (window * f32(base / orig))).astype(np.float32)[:, None, :]
+    kern.setflags(write=False)
+    return kern, width
+
+
+@functools.lru_cache(maxsize=None)
+def _resample_blocks():
+    """The jitted polyphase convolution (built on first use: reading and writing audio never import jax)."""
+    import jax
+    import jax.numpy as jnp
+
+    @functools.partial(jax.jit, static_argnames=("orig", "width"))
+    def apply(x_BxN, kernel, *, orig, width):
+        x = jnp.pad(x_BxN.astype(jnp.float32), ((0, 0), (width, width + orig)))[:, None, :]  # [B, 1, L]
+        y = jax.lax.conv_general_dilated(
+            x, kernel, window_strides=(orig,), padding="VALID",
+            dimension_numbers=("NCH", "OIH", "NCH"), precision=jax.lax.Precision.HIGHEST,
+        )  # [B, new, J]: output sample j * new + phase
+        return jnp.swapaxes(y, 1, 2).reshape(x.shape[0], -1)
+
+    return apply
+
+
+def _bucketed(blocks: int) -> int:
+    """`blocks` rounded up to one of 16 steps per octave: files of many lengths share a few compiled
+    resamplers, for at most 1/8 more work. Zeros past the end change no output sample."""
+    step = 1 << max(0, blocks.bit_length() - 4)
+    return -(-blocks // step) * step
+
+
+def resample(wav, orig_sr: int, new_sr: int, *, lowpass_filter_width: int = RESAMPLE_LOWPASS_WIDTH,
+             rolloff: float = RESAMPLE_ROLLOFF):
+    """Band-limited (Hann-windowed sinc) resampling along the last axis, torchaudio's algorithm with the
+    melody extractor's settings. wav `[..., N]` -> float32 jax array `[..., ceil(N * new_sr / orig_sr)]`."""
+    import jax.numpy as jnp
+
+    if int(orig_sr) != orig_sr or int(new_sr) != new_sr or orig_sr <= 0 or new_sr <= 0:
+        raise ValueError(f"sample rates must be positive integers, got {orig_sr} -> {new_sr}")
+    wav = jnp.asarray(wav)
+    if wav.ndim < 1 or wav.shape[-1] == 0:
+        raise ValueError(f"wav must have a non-empty last (time) axis, got shape {tuple(wav.shape)}")
+    orig_sr, new_sr = int(orig_sr), int(new_sr)
+    if orig_sr == new_sr:
+        return wav.astype(jnp.float32)
+    g = math.gcd(orig_sr, new_sr)
+    orig, new = orig_sr // g, new_sr // g
+    kernel, width = _sinc_resample_kernel(orig, new, int(lowpass_filter_width), float(rolloff))
+    lead, n = wav.shape[:-1], wav.shape[-1]
+    out_len = -(-new * n // orig)
+    x = wav.reshape(-1, n)
+    x = jnp.pad(x, ((0, 0), (0, orig * _bucketed(-(-n // orig)) - n)))
+    y = _resample_blocks()(x, jnp.asarray(kernel), orig=orig, width=width)
+    return y[:, :out_len].reshape(lead + (out_len,))
+
+
+# ----------------------------------------------------------------------------------------------- stereo layout
+# A stereo MusicGen codes each channel with the mono codec, as its own batch row, and interleaves the codebooks
+# left/right: `[L0, R0, L1, R1, ...]` (transformers and audiocraft). Rows are channel-major: all left rows, then all
+# right ones. These work on numpy and jax arrays alike.
+
+def channels_to_batch(wav_BxCxN):
+    """`[B, C, N]` -> `[C * B, 1, N]`: each channel a row of its own (row `c * B + b`)."""
+    batch, channels, samples = wav_BxCxN.shape
+    return wav_BxCxN.transpose(1, 0, 2).reshape(channels * batch, 1, samples)
+
+
+def channels_from_batch(wav_CBx1xN, batch: int):
+    """`[C * B, 1, N]` (rows as `channels_to_batch` lays them out) -> `[B, C, N]`."""
+    rows, one, samples = wav_CBx1xN.shape
+    if one != 1 or rows % batch:
+        raise ValueError(f"expected [channels x {batch}, 1, samples] audio rows, got shape {wav_CBx1xN.shape}")
+    return wav_CBx1xN.reshape(rows // batch, batch, samples).transpose(1, 0, 2)
+
+
+def codes_to_batch(codes_BxKxT, channels: int = 2):
+    """Interleaved codes `[B, C * K', T]` (`[L0, R0, L1, R1, ...]`) -> `[C * B, K', T]`: left rows, then right."""
+    batch, codebooks, frames = codes_BxKxT.shape
+    if codebooks % channels:
+        raise ValueError(f"{codebooks} codebooks do not interleave {channels} channels")
+    per_channel = codebooks // channels
+    return (codes_BxKxT.reshape(batch, per_channel, channels, frames).transpose(2, 0, 1, 3)
+            .reshape(channels * batch, per_channel, frames))
+
+
+def codes_from_batch(codes_CBxKxT, batch: int):
+    """`[C * B, K', T]` (left rows, then right) -> interleaved `[B, C * K', T]`; inverse of `codes_to_batch`."""
+    rows, per_channel, frames = codes_CBxKxT.shape
+    if rows % batch:
+        raise ValueError(f"{rows} code rows are not a whole number of channels of batch {batch}")
+    channels = rows // batch
+    return (codes_CBxKxT.reshape(channels, batch, per_channel, frames).transpose(1, 2, 0, 3)
+            .reshape(batch, per_channel * channels, frames))
 
 
 def pcm16(wav: np.ndarray) -> np.ndarray:

@@ -227,10 +227,9 @@ def restore_params(directory: str, abstract_params: Mapping[str, Any],
     return {key: restored[key] for key in abstract_params}
 
 
-def load_codec(directory: str):
-    """`(CodecConfig, params)` of a codec checkpoint, or of the codec inside a MusicGen checkpoint."""
-    from mgjax.codec.encodec import init_codec_params
-
+def load_codec_config(directory: str) -> config_lib.CodecConfig:
+    """The `CodecConfig` of a codec checkpoint, or of the codec inside a MusicGen checkpoint, checked (its params:
+    `restore_params(directory, {"codec": abstract})`, as `Codec.load` does)."""
     read_meta(directory)
     raw = read_config_dict(directory)
     try:
@@ -238,8 +237,7 @@ def load_codec(directory: str):
         codec_config.validate()
     except config_lib.ConfigError as err:
         raise CheckpointError(f"{directory}/{CONFIG_FILE}: {err}") from None
-    abstract = jax.eval_shape(lambda: init_codec_params(codec_config))
-    return codec_config, restore_params(directory, {"codec": abstract})["codec"]
+    return codec_config
 
 
 class CorruptCheckpointError(CheckpointError):

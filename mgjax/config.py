@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from mgjax.lm.patterns import PATTERNS, pattern_from_config
+
 
 class ConfigError(ValueError):
     """A configuration file or override that does not map onto the dataclasses."""
@@ -93,9 +95,6 @@ class T5Config:
             raise ConfigError(f"text.feed_forward_proj must be 'relu' or 'gated-gelu', got {self.feed_forward_proj!r}")
 
 
-PATTERN_NAMES = ("delay", "parallel", "unroll", "coarse_first", "musiclm")
-
-
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
     """MusicGen decoder LM. Defaults: musicgen-small."""
@@ -106,10 +105,14 @@ class LMConfig:
     ffn_dim: int = 4096
     num_codebooks: int = 4
     card: int = 2048  # codebook size; token id `card` is the special (input-only) token
-    pattern: str = "delay"  # delay | parallel | unroll | coarse_first | musiclm
-    pattern_delays: tuple[int, ...] = ()  # delay pattern: () means (0, 1, ..., K-1)
+    # Codebook interleaving, a name of `mgjax.lm.patterns.PATTERNS` (delay | parallel | unroll | coarse_first |
+    # musiclm) with its settings, as audiocraft's `codebooks_pattern` section has them:
+    pattern: str = "delay"
+    pattern_delays: tuple[int, ...] = ()  # delay / unroll / coarse_first: () means the pattern's default
     pattern_flattening: tuple[int, ...] = ()  # unroll pattern: () means (0, 1, ..., K-1)
-    pattern_group_size: int = 1  # musiclm pattern
+    pattern_group_size: int = 2  # musiclm pattern (audiocraft's group_by)
+    pattern_flatten_first: int = 0  # delay pattern: the first N timesteps one codebook per step
+    pattern_empty_initial: int = 0  # delay / parallel: N extra empty steps after the leading one
     conditioning: str = "cross"  # 'cross' (cross-attention) or 'prepend' (melody models)
     # 2: stereo (musicgen-stereo-*): each channel is coded by the mono codec and the codebooks interleave left/right,
     # [L0, R0, L1, R1, ...], so num_codebooks = 2 x codec.n_q
@@ -154,8 +157,16 @@ class LMConfig:
             raise ConfigError(f"lm.dim={self.dim} is not divisible by lm.num_heads={self.num_heads}")
         if self.conditioning not in ("cross", "prepend"):
             raise ConfigError(f"lm.conditioning must be 'cross' or 'prepend', got {self.conditioning!r}")
-        if self.pattern not in PATTERN_NAMES:
-            raise ConfigError(f"unknown lm.pattern {self.pattern!r}; choose one of {', '.join(PATTERN_NAMES)}")
+        if self.pattern not in PATTERNS:
+            raise ConfigError(f"unknown lm.pattern {self.pattern!r}; choose one of {', '.join(PATTERNS)}")
+        try:
+            pattern = pattern_from_config(self)
+        except ValueError as err:
+            raise ConfigError(f"lm.pattern={self.pattern}: {err}") from None
+        if not pattern.starts_with_special_token(1):
+            raise ConfigError(f"lm.pattern_empty_initial={self.pattern_empty_initial} omits the leading special "
+                              f"step (MAGNeT's non-autoregressive layout); MusicGen's causal LM predicts each step "
+                              f"from the ones before it and needs that step")
         if not 0 < self.extend_stride < self.max_duration:
             raise ConfigError(f"lm.extend_stride={self.extend_stride} must lie in (0, lm.max_duration="
                               f"{self.max_duration})")

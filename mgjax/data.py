@@ -7,9 +7,10 @@ Sources (`train.data_dir`):
   paths are relative to the manifest);
 - several of these joined by commas (`a/manifest.jsonl,b/`): their files together, each file once.
 
-Every file is read once, mixed to the codec's channels, resampled to its sample rate, encoded and cached as
-`<cache_dir>/<sha1(path, mtime, size, codec config, codec weights)>.npz`; a file that cannot be read or encoded is
-reported with a warning and skipped. Each host keeps only its shard of the files (`process_index::process_count`).
+Every file is read once by `mgjax.audio.load_audio` (the reader, channel rule and resampler that prompts and melodies
+go through too), encoded and cached as `<cache_dir>/<sha1(path, mtime, size, codec config, codec weights, resampler,
+...)>.npz` (see `cache_key`); a file that cannot be read or encoded is reported with a warning and skipped. Each
+host keeps only its shard of the files (`process_index::process_count`).
 
 Batches are a pure function of `(seed, step, global row)`: resuming at step s reproduces the data exactly, and the
 global batch does not depend on the number of hosts. A batch (this host's rows, `Bl = B / num_hosts`) is
@@ -25,13 +26,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mgjax.audio import RESAMPLER, channels_to_batch, codes_from_batch, conform, load_audio
 from mgjax.config import TrainConfig, to_dict
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
@@ -163,40 +164,6 @@ def split_valid(entries: Sequence[Entry], fraction: float) -> tuple[list[Entry],
 
 # ----------------------------------------------------------------------------------------------- audio -> codes
 
-def resample(wav: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    """`[C, N]` at `rate_in` -> `[C, N']` at `rate_out` (polyphase filter; linear interpolation without scipy)."""
-    if rate_in == rate_out:
-        return wav
-    try:
-        from scipy.signal import resample_poly
-    except ImportError:
-        length = int(round(wav.shape[-1] * rate_out / rate_in))
-        grid = np.arange(length) * (rate_in / rate_out)
-        return np.stack([np.interp(grid, np.arange(wav.shape[-1]), ch) for ch in wav]).astype(np.float32)
-    g = math.gcd(rate_in, rate_out)
-    return resample_poly(wav, rate_out // g, rate_in // g, axis=-1).astype(np.float32)
-
-
-def to_channels(wav: np.ndarray, channels: int) -> np.ndarray:
-    """`[C, N]` -> `[channels, N]`: averaged to mono, or mono repeated."""
-    if wav.shape[0] == channels:
-        return wav
-    mono = wav.mean(axis=0, keepdims=True)
-    return np.repeat(mono, channels, axis=0)
-
-
-def load_audio(path: str, sample_rate: int, channels: int = 1) -> np.ndarray:
-    """An audio file -> float32 `[channels, N]` at `sample_rate`."""
-    import soundfile
-
-    data, rate = soundfile.read(path, dtype="float32", always_2d=True)  # [N, C]
-    if data.size == 0:
-        raise DataError("the file holds no samples")
-    if not np.all(np.isfinite(data)):
-        raise DataError("the file holds NaN or infinite samples")
-    return resample(to_channels(data.T, channels), int(rate), sample_rate)
-
-
 def encode_in_chunks(encode: Callable[[np.ndarray], Any], wav: np.ndarray, chunk: int, hop: int) -> np.ndarray:
     """`[C, N]` -> codes `[K, ceil(N / hop)]`, encoding fixed-size chunks of `chunk` samples (bounded memory); the
     last chunk is zero padded. A file shorter than `chunk` is encoded as one chunk of its length rounded up to a
@@ -223,16 +190,17 @@ def params_fingerprint(params: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-# Bumped when the way files are encoded changes (2: short files as one power-of-two chunk), so old caches miss.
-CACHE_VERSION = 2
+# Bumped when the way files are encoded changes (2: short files as one power-of-two chunk; 3: audio read, channel
+# matched and resampled by `mgjax.audio`, the key naming its resampler), so old caches miss.
+CACHE_VERSION = 3
 
 
 def cache_key(path: str, codec_config: Any, codec_fingerprint: str = "", chunk: int = 0) -> str:
-    """sha1 of (absolute path, mtime, size, codec config, codec weights, chunk size, cache version): a changed
-    file, codec or encoding misses."""
+    """sha1 of (absolute path, mtime, size, codec config, codec weights, chunk size, resampler, cache version): a
+    changed file, codec, resampler (`mgjax.audio.RESAMPLER`) or encoding misses."""
     stat = os.stat(path)
     payload = json.dumps([os.path.abspath(path), stat.st_mtime_ns, stat.st_size, to_dict(codec_config),
-                          codec_fingerprint, chunk, CACHE_VERSION], sort_keys=True)
+                          codec_fingerprint, chunk, RESAMPLER, CACHE_VERSION], sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()
 
 
@@ -244,7 +212,7 @@ def melody_chroma(wav: np.ndarray, sample_rate: int, bucket: int) -> np.ndarray:
     """
     from mgjax.conditioning import chroma as chroma_lib
 
-    mono = resample(wav.mean(axis=0, keepdims=True), sample_rate, chroma_lib.SAMPLE_RATE)[0]
+    mono = conform(wav, sample_rate, chroma_lib.SAMPLE_RATE, 1)[0]
     frames = chroma_lib.num_frames(mono.size)
     padded = np.pad(mono, (0, -mono.size % bucket))
     return np.asarray(chroma_lib.chroma_features(padded[None]))[0, :frames].astype(np.float32)
@@ -286,9 +254,9 @@ class CodeCache:
                     pass  # a torn cache file: encode again
             config = self.codec.config
             wav = load_audio(entry.path, config.sample_rate, 2 if self.stereo else config.channels)
-            channels = [wav[c:c + 1] for c in range(2)] if self.stereo else [wav]
-            codes = [encode_in_chunks(self.codec.encode, part, self.chunk, config.hop_length) for part in channels]
-            out = {"codes": np.stack(codes, axis=1).reshape(-1, codes[0].shape[-1])}  # [K, T] or [K x 2, T]
+            rows = channels_to_batch(wav[None]) if self.stereo else wav[None]  # [2, 1, N] (left, right) or [1, C, N]
+            codes = np.stack([encode_in_chunks(self.codec.encode, row, self.chunk, config.hop_length) for row in rows])
+            out = {"codes": codes_from_batch(codes, 1)[0]}  # [K, T], or [2K, T] interleaved left/right
             if self.chroma:
                 out["chroma"] = melody_chroma(wav, config.sample_rate, self.chunk)
             tmp = cached + f".tmp-{os.getpid()}.npz"

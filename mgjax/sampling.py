@@ -100,24 +100,6 @@ def sample_tokens(logits: Array, key: Array, shape: _LoopShape, temperature: Arr
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
-# --- progress reporting ----------------------------------------------------------------------------------------
-_progress: dict[str, Optional[Callable[[int, int], None]]] = {"callback": None}
-
-
-class progress_callback:
-    """Context manager: `with progress_callback(fn): generate(...)` calls `fn(step, total)` every few steps."""
-
-    def __init__(self, callback: Optional[Callable[[int, int], None]]):
-        self.callback = callback
-
-    def __enter__(self):
-        self.previous = _progress["callback"]
-        _progress["callback"] = self.callback
-
-    def __exit__(self, *exc):
-        _progress["callback"] = self.previous
-
-
 # --- the compiled generation -------------------------------------------------------------------------------------
 def write_masks(pattern: Pattern, frames: int, prompt_frames: int) -> tuple[np.ndarray, np.ndarray, int]:
     """`(writable [K, S], prompt_fixed [K, S], first step needing a new token)` for a generation of `frames`."""
@@ -147,7 +129,8 @@ def split_layers_by_default(lm_params, kernels: str = "auto") -> bool:
 
 def generate_codes(lm_params, cond: Array, cond_mask: Array, key: Array, prompt_codes: Array, *,
                    lm_config: LMConfig, frames: int, sampling: SamplingConfig, chroma: Optional[Array] = None,
-                   progress_every: int = 0, split_layers: Optional[bool] = None) -> Array:
+                   progress: Optional[Callable[[int, int], None]] = None, progress_every: int = 0,
+                   split_layers: Optional[bool] = None) -> Array:
     """Generates `[B, K, frames]` int32 codes with one compiled program.
 
     cond `[B, L, Dc]` text states, cond_mask `[B, L]`, prompt_codes `[B, K, Tp]` (Tp may be 0) kept as given,
@@ -155,20 +138,19 @@ def generate_codes(lm_params, cond: Array, cond_mask: Array, key: Array, prompt_
     traced, so changing them does not recompile; greedy, top-k and guidance on/off do. `split_layers`: decode with
     the layers run one by one on split weights (None: `split_layers_by_default` for `lm_config.kernels`); the same
     tokens either way.
-    With `progress_every > 0` and a callback installed (`progress_callback`), the same steps run as a compiled
+    With a `progress(steps done, steps total)` callback and `progress_every > 0`, the same steps run as a compiled
     prefill, then `progress_every` steps per call of one compiled program (the KV cache donated from call to call),
-    reporting between calls: the same tokens, and no host callback inside, so every program stays serialisable
-    for the persistent compilation cache.
+    `progress` called on the host between calls: the same tokens, and no host callback inside, so every program
+    stays serialisable for the persistent compilation cache.
     """
-    report = _progress["callback"]
-    if progress_every <= 0 or report is None:
+    if progress_every <= 0 or progress is None:
         traced, statics, prompt_codes = _loop_arguments(lm_params, prompt_codes, lm_config=lm_config, frames=frames,
                                                         sampling=sampling, split_layers=split_layers)
         return _generate_codes(lm_params, cond, cond_mask, key, prompt_codes, chroma, *traced, **statics)
     for done, total, codes in generate_in_chunks(lm_params, cond, cond_mask, key, prompt_codes, lm_config=lm_config,
                                                  frames=frames, sampling=sampling, chroma=chroma,
                                                  steps_per_call=progress_every, split_layers=split_layers):
-        report(done, total)
+        progress(done, total)
     return codes
 
 
@@ -244,19 +226,17 @@ def _prepare(lm: MusicGenLM, lm_params, cond, cond_mask, prompt_codes, chroma, *
     if use_cfg:
         cond, cond_mask = _with_null_condition(cond), _with_null_condition(cond_mask)
         chroma = _with_null_chroma(chroma)
-    cache = lm.apply(variables, cond, cond_mask, chroma=chroma, max_length=writable.shape[1],
-                     method=MusicGenLM.prefill)
     padded_prompt = jnp.concatenate(
         [prompt_codes.astype(jnp.int32),
          jnp.zeros((batch, num_codebooks, frames - prompt_frames), jnp.int32)], axis=-1)
     seq = jnp.where(jnp.asarray(prompt_fixed)[None], pattern.build(padded_prompt, special), special)
     seq = seq.astype(jnp.int32)
+    # the prompt's columns (before the first sampled one) go into the cache with the conditions, in prefill mode
+    cache = lm.apply(variables, cond, cond_mask, chroma=chroma, max_length=writable.shape[1],
+                     codes=_duplicate(seq[:, :, : start - 1], use_cfg), method=MusicGenLM.prefill)
     layer_params = None
     if split_layers:
         layer_params, cache = split_for_decoding(lm_params["layers"], cache)
-    if start > 1:  # feed the prompt's columns in one chunk
-        _, cache = lm.apply(variables, _duplicate(seq[:, :, : start - 1], use_cfg), cache, layer_params,
-                            method=MusicGenLM.decode_step)
     return seq, cache, layer_params
 
 

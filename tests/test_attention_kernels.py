@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from mgjax.kernels import attention as attn
-from mgjax.lm.transformer import cached_causal_mask, causal_mask, dot_product_attention
 
 TOL = 1e-5
 HEADS, HEAD_DIM = 2, 64
@@ -38,12 +37,21 @@ def random_inputs(seed: int, batch: int, length: int, key_length: int):
 
 
 def reference_mask(length, key_length, *, causal, kv_mask, q_offset=0):
+    """`[B or 1, 1, T, S]` bool (True = attend), written out independently of the module under test."""
     mask = None
     if causal:
-        mask = causal_mask(length) if q_offset == 0 else cached_causal_mask(q_offset, length, key_length)
+        mask = jnp.asarray(np.arange(key_length)[None, :] <= q_offset + np.arange(length)[:, None])[None, None]
     if kv_mask is not None:
         mask = kv_mask[:, None, None, :] if mask is None else mask & kv_mask[:, None, None, :]
     return mask
+
+
+def dot_product_attention(q, k, v, mask):
+    """The textbook reference: softmax(q.k / sqrt(Dh), masked with float32's min) . v, scores in float32."""
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
 
 
 def max_errors(fn, q, k, v, weight, *, causal, kv_mask):

@@ -1,5 +1,6 @@
 """Output levels: BS.1770 loudness against pyloudnorm (an independent implementation of the same filters and
-gating), audiocraft's normalisation strategies, and its pcm16 rounding."""
+gating), audiocraft's normalisation strategies, and its pcm16 rounding. Audio in: the one channel rule, the one
+resampler (its parity with torchaudio is in test_chroma.py) and the stereo layout of a mono codec."""
 from __future__ import annotations
 
 import os
@@ -7,8 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from mgjax.audio import (LOUDNESS_TARGET_LUFS, loudness_lufs, normalize_audio, pcm16, read_audio,
-                         write_audio, write_wav)
+from mgjax import audio
+from mgjax.audio import (LOUDNESS_TARGET_LUFS, load_audio, loudness_lufs, match_channels, normalize_audio, pcm16,
+                         read_audio, resample, write_audio, write_wav)
 
 RATE = 32000
 BLOCK, STEP = 12800, 3200  # 400 ms blocks every 100 ms at 32 kHz
@@ -116,3 +118,75 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_one_channel_rule():
+    """Any channels -> mono averages, mono -> C duplicates, anything else is refused; batches `[B, C, N]` too."""
+    wav = np.arange(18, dtype=np.float64).reshape(6, 3)
+    np.testing.assert_array_equal(match_channels(wav, 1), wav.mean(axis=0, keepdims=True))
+    assert match_channels(wav, 1).dtype == np.float64 and match_channels(wav, 6) is wav
+    np.testing.assert_array_equal(match_channels(wav[:1], 2), np.stack([wav[0], wav[0]]))
+    batch = np.stack([wav[:2], 2 * wav[:2]])  # [2, 2, 3]
+    np.testing.assert_array_equal(match_channels(batch, 1), batch.mean(axis=1, keepdims=True))
+    with pytest.raises(ValueError, match="cannot map 6 audio channels to 2"):
+        match_channels(wav, 2)
+    with pytest.raises(ValueError, match="cannot map audio of shape"):
+        match_channels(np.zeros((0, 5)), 1)
+
+
+def test_load_audio_mixes_resamples_and_refuses(tmp_path):
+    """A file goes through the channel rule, then the sinc resampler (the melody extractor's, see test_chroma.py)."""
+    import soundfile
+
+    t = np.arange(4410) / 44100
+    lr = np.stack([np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 660 * t)]).astype(np.float32)
+    soundfile.write(tmp_path / "lr.wav", lr.T, 44100, subtype="FLOAT")
+    mono = load_audio(str(tmp_path / "lr.wav"), 32000, 1)
+    assert mono.shape == (1, 3200) and mono.dtype == np.float32 and isinstance(mono, np.ndarray)
+    np.testing.assert_allclose(mono, np.asarray(resample(lr.mean(axis=0, keepdims=True), 44100, 32000)), atol=1e-7)
+    np.testing.assert_array_equal(load_audio(str(tmp_path / "lr.wav"), 44100, 2), lr)
+    soundfile.write(tmp_path / "six.wav", np.zeros((100, 6), np.float32), 44100)
+    with pytest.raises(ValueError, match="cannot map 6 audio channels to 2"):
+        load_audio(str(tmp_path / "six.wav"), 32000, 2)
+
+
+def test_resample_shares_compiles_across_lengths(monkeypatch):
+    """Inputs are zero padded to 16 lengths per octave, which changes no output sample: every length gives the
+    unpadded polyphase sum, and nearby lengths share one compiled convolution (the convolution jitted afresh over
+    `chex.assert_max_traces`: a second trace fails)."""
+    import chex
+    import jax
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16000)).astype(np.float32)
+    kernel, width = audio._sinc_resample_kernel(441, 320, audio.RESAMPLE_LOWPASS_WIDTH, audio.RESAMPLE_ROLLOFF)
+    chex.clear_trace_counter()
+    guarded = jax.jit(chex.assert_max_traces(audio._resample_blocks().__wrapped__, n=1),
+                      static_argnames=("orig", "width"))
+    monkeypatch.setattr(audio, "_resample_blocks", lambda: guarded)
+    for n in (441 * 32 + 1, 14500, 15000, 441 * 36):  # 33 .. 36 blocks of 441: one bucket
+        ours = np.asarray(resample(x[:, :n], 44100, 32000))
+        padded = np.pad(x[:, :n].astype(np.float64), ((0, 0), (width, width + 441 * 38)))
+        blocks = np.stack([padded[:, j * 441: j * 441 + kernel.shape[-1]] for j in range(37)], axis=1)
+        want = np.einsum("cjt,pt->cjp", blocks, kernel[:, 0].astype(np.float64)).reshape(2, -1)
+        out_len = -(-320 * n // 441)
+        assert ours.shape == (2, out_len)
+        np.testing.assert_allclose(ours, want[:, :out_len], atol=2e-6)
+
+
+def test_stereo_layout_round_trips_on_numpy_and_jax():
+    """Channels as batch rows (left rows, then right) and codebooks interleaved `[L0, R0, L1, R1, ...]`."""
+    import jax.numpy as jnp
+
+    wav = np.arange(2 * 2 * 5, dtype=np.float32).reshape(2, 2, 5)  # [B, C, N]
+    rows = audio.channels_to_batch(wav)
+    np.testing.assert_array_equal(rows, np.concatenate([wav[:, :1], wav[:, 1:]], axis=0))
+    np.testing.assert_array_equal(audio.channels_from_batch(rows, 2), wav)
+    np.testing.assert_array_equal(audio.channels_from_batch(audio.channels_to_batch(jnp.asarray(wav)), 2), wav)
+    codes = np.arange(3 * 8 * 4).reshape(3, 8, 4)  # [B, 2K, T] interleaved
+    split = audio.codes_to_batch(codes)
+    np.testing.assert_array_equal(split, np.concatenate([codes[:, ::2], codes[:, 1::2]], axis=0))
+    np.testing.assert_array_equal(audio.codes_from_batch(split, 3), codes)
+    np.testing.assert_array_equal(audio.codes_from_batch(audio.codes_to_batch(jnp.asarray(codes)), 3), codes)
+    with pytest.raises(ValueError, match="do not interleave"):
+        audio.codes_to_batch(codes[:, :7])

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from mgjax import data
+from mgjax import audio, data
+from mgjax.audio import load_audio
 from mgjax.codec.encodec import Codec, init_codec_params
 from mgjax.config import load_config
 
@@ -106,7 +107,7 @@ def test_empty_folder_and_bad_manifest_lines(tmp_path):
 
 
 def test_load_audio_mixes_to_mono_and_resamples(folder):
-    wav = data.load_audio(str(folder / "a.wav"), 32000, channels=1)
+    wav = load_audio(str(folder / "a.wav"), 32000, channels=1)
     assert wav.shape == (1, 32000) and wav.dtype == np.float32
     spectrum = np.abs(np.fft.rfft(wav[0]))
     assert abs(np.argmax(spectrum) * 32000 / wav.shape[1] - 440.0) < 2.0  # pitch kept
@@ -221,7 +222,7 @@ def test_real_codec_end_to_end(folder, tmp_path):
     entry = data.Entry(str(folder / "sub" / "c.wav"))
     codes = cache.codes(entry)
     assert codes.shape == (4, 40) and codes.dtype == np.int32 and codes.max() < CONFIG.lm.card
-    first_chunk = np.asarray(codec.encode(data.load_audio(entry.path, 32000)[None, :, :12800]))[0]
+    first_chunk = np.asarray(codec.encode(load_audio(entry.path, 32000, 1)[None, :, :12800]))[0]
     np.testing.assert_array_equal(codes[:, :20], first_chunk)
     np.testing.assert_array_equal(cache.codes(entry), codes)  # from the cache file
 
@@ -253,7 +254,7 @@ def test_stereo_codes_interleave_the_channels(codec, tmp_path):
     codes = cache.codes(data.Entry(str(tmp_path / "lr.wav")))
     mono_cache = cache_for(tmp_path, codec)
     assert cache.path_for(str(tmp_path / "lr.wav")) != mono_cache.path_for(str(tmp_path / "lr.wav"))
-    hop, wav = CONFIG.codec.hop_length, data.load_audio(str(tmp_path / "lr.wav"), 32000, 2)
+    hop, wav = CONFIG.codec.hop_length, load_audio(str(tmp_path / "lr.wav"), 32000, 2)
     for channel in range(2):
         alone = data.encode_in_chunks(codec.encode, wav[channel:channel + 1], cache.chunk, hop)
         np.testing.assert_array_equal(codes[channel::2], alone)
@@ -261,3 +262,23 @@ def test_stereo_codes_interleave_the_channels(codec, tmp_path):
     soundfile.write(tmp_path / "mono.wav", left, 32000)
     both = cache.codes(data.Entry(str(tmp_path / "mono.wav")))
     np.testing.assert_array_equal(both[0::2], both[1::2])
+
+
+def test_cache_key_names_the_resampler(folder, codec, tmp_path, monkeypatch):
+    """Cached codes depend on the resampler (files at another rate than the codec's): a changed
+    `mgjax.audio.RESAMPLER` misses every cached file."""
+    cache, path = cache_for(tmp_path, codec), str(folder / "a.wav")
+    before = cache.path_for(path)
+    monkeypatch.setattr(data, "RESAMPLER", audio.RESAMPLER + "-changed")
+    assert cache.path_for(path) != before
+
+
+def test_training_audio_goes_through_the_one_channel_rule(codec, tmp_path):
+    """Training reads files as prompts are read: a 6-channel file is averaged for a mono codec, but is no stereo
+    pair (skipped with the reason), where it used to be averaged and duplicated."""
+    soundfile.write(tmp_path / "six.wav", np.repeat(sine(0.5, 32000), 6, axis=1), 32000)
+    entry = data.Entry(str(tmp_path / "six.wav"))
+    assert cache_for(tmp_path, codec).codes(entry).shape == (4, 25)
+    stereo = data.CodeCache(str(tmp_path / "cache"), codec, chunk_seconds=1.0, stereo=True)
+    with pytest.warns(UserWarning, match="cannot map 6 audio channels to 2"):
+        assert stereo.codes(entry) is None

@@ -12,6 +12,8 @@ import jax.numpy as jnp  # noqa: E402
 import mgjax  # noqa: E402
 from mgjax import sampling  # noqa: E402
 from mgjax.kernels import cpu as cpu_kernels  # noqa: E402
+from mgjax.lm.model import MusicGenLM  # noqa: E402
+from helpers_traces import max_traces  # noqa: E402
 from oracle import musicgen, reference_generate, reference_generate_from  # noqa: E402
 from helpers_tokenizer import build_test_tokenizer  # noqa: E402
 
@@ -140,9 +142,10 @@ def test_audio_prompt_at_another_rate_and_channel_count(pair):
 def test_no_recompilation_and_one_compiled_loop(pair):
     _, _, mg = pair
     mg.generate(PROMPTS, duration=0.24, seed=0)
-    before = sampling._generate_codes._cache_size()
-    mg.generate(PROMPTS, duration=0.24, seed=1, temperature=0.5, cfg_coef=2.0)  # traced settings: no retrace
-    assert sampling._generate_codes._cache_size() == before
+    with max_traces(sampling, "_prepare", 0):  # traced settings: no retrace
+        mg.generate(PROMPTS, duration=0.24, seed=1, temperature=0.5, cfg_coef=2.0)
+    with pytest.raises(AssertionError, match="traced > 0 times"), max_traces(sampling, "_prepare", 0):
+        mg.generate(PROMPTS, duration=0.38, seed=1)  # a length no other test runs, a new program: the guard sees it
 
     ids, mask = mg.tokenize(PROMPTS)
     cond = mg.encode_text(ids, mask)
@@ -171,7 +174,8 @@ def test_split_layer_decoding_gives_the_same_tokens(pair, monkeypatch):
                                         lm_config=mg.config.lm, frames=10, sampling=config, split_layers=split)
                 for split in (True, False)]
         np.testing.assert_array_equal(runs[0], runs[1])
-    assert jax.default_backend() != "cpu" or sampling.split_layers_by_default(mg.params["lm"])
+    # the CPU's kernels split (the tiny model fits in memory), the plain ones elsewhere never do
+    assert sampling.split_layers_by_default(mg.params["lm"]) == (jax.default_backend() == "cpu")
     monkeypatch.setattr(cpu_kernels, "free_host_bytes", lambda: cpu_kernels.layer_weight_bytes(mg.params["lm"]) - 1)
     assert not sampling.split_layers_by_default(mg.params["lm"])
     monkeypatch.setattr(cpu_kernels, "free_host_bytes", lambda: None)
@@ -180,15 +184,25 @@ def test_split_layer_decoding_gives_the_same_tokens(pair, monkeypatch):
 
 
 def test_with_compute_dtype_samples_in_that_dtype(pair):
-    """`with_compute_dtype` changes only the LM's compute dtype (params shared, cast per use): bfloat16 compiles its
-    own sampling program and its greedy tokens stay valid codes; an unknown dtype is refused by name."""
+    """`with_compute_dtype` changes the LM's compute dtype and stores its matmul weights in a half dtype (codec,
+    T5, norms and embeddings shared as they are): bfloat16 compiles its own sampling program, its greedy tokens
+    stay valid codes, and the stored weights give the logits the float32 ones cast per use give; an unknown dtype
+    is refused by name."""
     _, _, mg = pair
     bf16 = mg.with_compute_dtype("bfloat16")
     assert bf16.config.lm.compute_dtype == "bfloat16" and mg.config.lm.compute_dtype == "float32"
-    assert bf16.params is mg.params and bf16.config.codec == mg.config.codec
-    before = sampling._generate_codes._cache_size()
-    out = bf16.generate(PROMPTS, duration=8 / mg.frame_rate, greedy=True)
-    assert sampling._generate_codes._cache_size() == before + 1
+    assert bf16.params["codec"] is mg.params["codec"] and bf16.config.codec == mg.config.codec
+    assert bf16.params["lm"]["layers"]["ffn"]["fc1"].dtype == jnp.bfloat16
+    assert bf16.params["lm"]["heads"]["kernel"].dtype == jnp.bfloat16
+    assert bf16.params["lm"]["embed"]["embedding"].dtype == jnp.float32
+    lm = MusicGenLM(bf16.config.lm)
+    codes = jnp.zeros((1, mg.config.lm.num_codebooks, 5), jnp.int32).at[:, :, 2:].set(3)
+    cond = jnp.ones((1, 4, mg.config.text.d_model), jnp.float32)
+    stored, cast_per_use = (lm.apply({"params": params}, codes, cond, None)
+                            for params in (bf16.params["lm"], mg.params["lm"]))
+    np.testing.assert_array_equal(np.asarray(stored), np.asarray(cast_per_use))
+    with max_traces(sampling, "_prepare", 1):
+        out = bf16.generate(PROMPTS, duration=8 / mg.frame_rate, greedy=True)
     assert out.codes.shape == (2, mg.config.lm.num_codebooks, 8)
     assert out.codes.min() >= 0 and out.codes.max() < mg.config.lm.card and np.isfinite(out.wav).all()
     with pytest.raises(ValueError, match="lm.compute_dtype must be float32, bfloat16 or float16, got 'int4'"):

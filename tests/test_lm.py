@@ -12,14 +12,16 @@ import transformers
 from mgjax.config import ConfigError, LMConfig
 from mgjax.convert.hf_lm import lm_config_from_hf, lm_params_from_hf
 from mgjax.kernels.cpu import gelu_mlp, split_for_decoding
+from mgjax.lm.kv_cache import stack_layers
 from mgjax.lm.model import MusicGenLM
 from mgjax.lm.patterns import pattern_from_config
 from mgjax.lm.transformer import sinusoidal_positions
+import oracle
+from oracle import TEXT
 
 torch.set_num_threads(1)
 TOL = 1e-4
 
-TEXT = dict(vocab_size=50, d_model=20, d_kv=6, num_heads=3, d_ff=24, num_layers=1, dropout_rate=0.0)
 # Decoder shapes vary in depth, width, heads, codebooks and card (odd included).
 DECODERS = {
     "d32_l2_h4_k4": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48, num_codebooks=4,
@@ -29,41 +31,20 @@ DECODERS = {
 }
 
 
-def _randomise(model: torch.nn.Module) -> None:
-    """Every parameter random, norms included (they start at ones/zeros: a skipped norm would pass unseen)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            elif p.ndim == 2 and "embed" not in name and "shared" not in name:
-                p.normal_(0.0, p.shape[1] ** -0.5)
-            else:
-                p.normal_(0.0, 0.5)
-
-
-def _decoder_config(cls, dec: dict):
-    card = dec["vocab_size"]
-    return cls(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, max_position_embeddings=64,
-               pad_token_id=card, bos_token_id=card, **dec)
-
-
 def _oracle(dec: dict, melody: bool = False, **top):
-    torch.manual_seed(0)
+    """The oracle (`tests/oracle.py`) for decoder `dec`: `oracle.musicgen` / `oracle.musicgen_melody`, but with a
+    codec of 16 codes, since oracle's codec takes the decoder's card and these cards (24, 17) are no power of
+    two; every weight drawn by `oracle.randomise`."""
     text = transformers.T5Config(**TEXT)
-    audio = transformers.EncodecConfig(num_filters=4, upsampling_ratios=[4, 2], codebook_size=16,
-                                       hidden_size=8, num_lstm_layers=1, target_bandwidths=[1.0])
+    audio = oracle.codec_config(1, 16)
+    decoder_cls = transformers.MusicgenMelodyDecoderConfig if melody else transformers.MusicgenDecoderConfig
+    decoder = decoder_cls(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, max_position_embeddings=64,
+                          pad_token_id=dec["vocab_size"], bos_token_id=dec["vocab_size"], **dec)
     if melody:
-        config = transformers.MusicgenMelodyConfig(
-            text_encoder=text, audio_encoder=audio,
-            decoder=_decoder_config(transformers.MusicgenMelodyDecoderConfig, dec), **top)
-        model = transformers.MusicgenMelodyForConditionalGeneration(config)
-    else:
-        config = transformers.MusicgenConfig(
-            text_encoder=text, audio_encoder=audio, decoder=_decoder_config(transformers.MusicgenDecoderConfig, dec))
-        model = transformers.MusicgenForConditionalGeneration(config)
-    model.eval()
-    _randomise(model)
-    return model
+        config = transformers.MusicgenMelodyConfig(text_encoder=text, audio_encoder=audio, decoder=decoder, **top)
+        return oracle.randomise(transformers.MusicgenMelodyForConditionalGeneration(config))
+    config = transformers.MusicgenConfig(text_encoder=text, audio_encoder=audio, decoder=decoder, **top)
+    return oracle.randomise(transformers.MusicgenForConditionalGeneration(config))
 
 
 def _inputs(card: int, num_codebooks: int, seq: int, text_len: int = 7, seed: int = 1):
@@ -203,8 +184,9 @@ def test_split_decoding_writes_the_same_cache(conditioning):
     _, scanned = _decode_all(model, params, codes, cache)
     layer_params, split_cache = split_for_decoding(params["layers"], cache)
     _, split = _decode_all(model, params, codes, split_cache, layer_params)
+    restacked = stack_layers(split)
     for name in ("k", "v"):
-        assert float(jnp.abs(jnp.stack(split[name]) - scanned[name]).max()) <= 1e-5
+        assert float(jnp.abs(restacked[name] - scanned[name]).max()) <= 1e-5
         assert float(jnp.abs(scanned[name]).max()) > 0  # the decoding steps wrote the cache
 
 

@@ -14,6 +14,7 @@ from mgjax.kernels import cpu as cpu_kernels  # noqa: E402
 from mgjax.conditioning.chroma import prepare_melody  # noqa: E402
 from mgjax.config import load_config  # noqa: E402
 from helpers_tokenizer import build_test_tokenizer  # noqa: E402
+from helpers_traces import max_traces  # noqa: E402
 from oracle import musicgen_melody, reference_generate  # noqa: E402
 
 torch.set_num_threads(1)
@@ -95,10 +96,9 @@ def test_long_generation_goes_window_by_window(conditioning):
     window, stride = mg.window_frames()
     melody = chords(3.0, [220.0, 262.0]) if conditioning == "prepend" else None
     frames = int(9.5 * mg.frame_rate)  # not a whole number of strides: the last window is cut
-    before = sampling._generate_codes._cache_size()
-    codes, windows = mg.generate_windows(cond, mask, np.zeros((2, 4, 0), np.int32), frames,
-                                         sampling.SamplingConfig(top_k=10), jax_key(3), melody=melody)
-    assert sampling._generate_codes._cache_size() - before == 2
+    with max_traces(sampling, "_prepare", 2):
+        codes, windows = mg.generate_windows(cond, mask, np.zeros((2, 4, 0), np.int32), frames,
+                                             sampling.SamplingConfig(top_k=10), jax_key(3), melody=melody)
     assert codes.shape == (2, 4, frames) and len(windows) == -(-(frames - window) // stride) + 1
     for previous, current in zip(windows, windows[1:]):
         np.testing.assert_array_equal(current[:, :, : window - stride], previous[:, :, stride:])
@@ -120,10 +120,10 @@ def test_memory_changing_between_windows_does_not_recompile(monkeypatch):
     ids, mask = np.array([[4, 8, 15, 16]], np.int32), np.ones((1, 4), np.int32)
     cond = mg.encode_text(ids, mask)
     frames = int(5.0 * mg.frame_rate)
-    before = sampling._generate_codes._cache_size()
-    _, windows = mg.generate_windows(cond, mask, np.zeros((1, 4, 0), np.int32), frames,
-                                     sampling.SamplingConfig(top_k=10), jax_key(5))
-    assert len(windows) == 4 and sampling._generate_codes._cache_size() - before <= 2
+    with max_traces(sampling, "_prepare", 2):
+        _, windows = mg.generate_windows(cond, mask, np.zeros((1, 4, 0), np.int32), frames,
+                                         sampling.SamplingConfig(top_k=10), jax_key(5))
+    assert len(windows) == 4
 
 
 def test_extend_stride_sets_how_far_each_window_advances():

@@ -1,4 +1,5 @@
-"""Codebook patterns: hand-written layouts (audiocraft's semantics), round trips, masks, logits shift."""
+"""Codebook patterns: hand-written layouts (audiocraft's semantics), round trips, masks, logits shift, and the
+`lm.pattern*` config keys."""
 import dataclasses
 
 import jax
@@ -6,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mgjax.config import LMConfig
-from mgjax.lm.patterns import (PATTERNS, CoarseFirstPattern, DelayPattern, MusicLMPattern, UnrolledPattern,
-                               get_pattern, pattern_from_config)
+from mgjax.config import ConfigError, LMConfig, load_config
+from mgjax.lm.patterns import (PATTERNS, CoarseFirstPattern, DelayPattern, MusicLMPattern, ParallelPattern,
+                               UnrolledPattern, get_pattern, pattern_from_config)
 
 S = 99  # special token in the hand-written examples
 A = np.array([[[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]])  # [B=1, K=3, T=4]
@@ -17,7 +18,10 @@ A = np.array([[[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]])  # [B=1, K=3, T=4]
 def random_pattern(name, k, rng):
     """A pattern of kind `name` with random (valid) parameters for k codebooks."""
     if name == "delay":
-        return get_pattern(name, k, delays=sorted(rng.integers(0, 4, k).tolist()))
+        return get_pattern(name, k, delays=sorted(rng.integers(0, 4, k).tolist()),
+                           flatten_first=int(rng.choice([0, 0, 1, 3])), empty_initial=int(rng.choice([0, 0, -1, 2])))
+    if name == "parallel":
+        return get_pattern(name, k, empty_initial=int(rng.choice([0, -1, 1])))
     if name == "unroll":
         flattening = sorted(rng.integers(0, 3, k).tolist())
         group_delay, delay = {}, 0
@@ -50,7 +54,10 @@ def test_round_trip(pattern, timesteps):
     codes = np.random.default_rng(timesteps).integers(0, 50, (2, k, timesteps))
     seq = pattern.build(codes, 50)
     assert seq.shape == (2, k, pattern.steps(timesteps))
-    assert (seq[:, :, 0] == 50).all()  # the leading step is always special
+    if pattern.starts_with_special_token(timesteps):  # always, but with empty_initial=-1
+        assert (seq[:, :, 0] == 50).all()
+    else:
+        assert pattern.empty_initial == -1 and (seq[:, :, 0] != 50).any()
     back, mask = pattern.revert(seq, 50)
     assert mask.shape == (k, timesteps) and mask.all()
     np.testing.assert_array_equal(back, codes)
@@ -63,12 +70,14 @@ def test_round_trip(pattern, timesteps):
 
 @pytest.mark.parametrize("pattern,timesteps", ALL_CASES, ids=lambda v: str(v))
 def test_revert_logits_predicts_next_step(pattern, timesteps):
-    """Logits at step s one-hot on the token of step s + 1 must revert to one-hots on the codes."""
+    """Logits at step s one-hot on the token of step s + 1 (of step s itself for a layout without the leading
+    empty step, as audiocraft) must revert to one-hots on the codes."""
     k, card = pattern.num_codebooks, 51
     codes = np.random.default_rng(timesteps + 1).integers(0, 50, (2, k, timesteps))
+    shift = 1 if pattern.starts_with_special_token(timesteps) else 0
     for valid_only in (False, True):
         seq = pattern.build(codes, 50, valid_only=valid_only)
-        next_tokens = np.concatenate([seq[:, :, 1:], np.full_like(seq[:, :, :1], 50)], axis=2)
+        next_tokens = np.concatenate([seq[:, :, shift:], np.full_like(seq[:, :, :shift], 50)], axis=2)
         logits = np.eye(card, dtype=np.float32)[next_tokens]  # [B, K, S, card]
         reverted, mask = pattern.revert_logits(logits, timesteps=timesteps)
         assert reverted.shape == (2, k, timesteps, card)
@@ -120,6 +129,41 @@ def test_delay_training_mask_by_hand():
                                          [1, 0],
                                          [0, 0],
                                          [0, 0]])
+
+
+def test_delay_flatten_first_example():
+    """The first 2 timesteps one codebook per step, then the delayed layout from timestep 2 on."""
+    p = get_pattern("delay", 3, flatten_first=2)
+    np.testing.assert_array_equal(p.build(A, S)[0], [[S, 1, S, S, 2, S, S, 3, 4, S, S],
+                                                     [S, S, 5, S, S, 6, S, S, 7, 8, S],
+                                                     [S, S, S, 9, S, S, 10, S, S, 11, 12]])
+    assert p.steps(4, valid_only=True) == 9  # max_delay = 2, as without flattening
+
+
+def test_empty_initial_examples():
+    """`empty_initial=N` adds N empty steps after the leading one; -1 (MAGNeT's configs) omits the leading one:
+    the layout starts with codes and the output at step s is taken for the codes of step s."""
+    np.testing.assert_array_equal(get_pattern("delay", 3, empty_initial=1).build(A, S)[0],
+                                  [[S, S, 1, 2, 3, 4, S, S],
+                                   [S, S, S, 5, 6, 7, 8, S],
+                                   [S, S, S, S, 9, 10, 11, 12]])
+    magnet = get_pattern("parallel", 3, empty_initial=-1)
+    np.testing.assert_array_equal(magnet.build(A, S)[0], A[0])
+    assert not magnet.starts_with_special_token(4) and magnet.steps(4, valid_only=True) == 4
+    logits = np.eye(13, dtype=np.float32)[A]  # [1, K, S=T, card]: step s predicts the codes of step s
+    reverted, mask = magnet.revert_logits(logits)
+    assert mask.all()
+    np.testing.assert_array_equal(reverted.argmax(-1), A)
+    delayed = get_pattern("delay", 3, empty_initial=-1)
+    np.testing.assert_array_equal(delayed.build(A, S)[0], [[1, 2, 3, 4, S, S],
+                                                           [S, 5, 6, 7, 8, S],
+                                                           [S, S, 9, 10, 11, 12]])
+    assert not delayed.starts_with_special_token(4)
+    # audiocraft decides the shift by the layout: delays that leave the first step empty keep the usual shift
+    assert get_pattern("delay", 2, delays=[1, 2], empty_initial=-1).starts_with_special_token(4)
+    assert get_pattern("delay", 3).starts_with_special_token(4)
+    with pytest.raises(ValueError, match="empty_initial must be >= -1"):
+        get_pattern("delay", 3, empty_initial=-2)
 
 
 def test_partial_sequence_revert():
@@ -242,7 +286,30 @@ def test_pattern_from_config():
     assert pattern_from_config(dataclasses.replace(LMConfig(), pattern="coarse_first")) == CoarseFirstPattern(4)
     cfg = dataclasses.replace(LMConfig(), pattern="musiclm", pattern_group_size=4)
     assert pattern_from_config(cfg) == MusicLMPattern(4, 4)
+    # audiocraft's musiclm groups codebooks by 2 unless told otherwise
+    assert pattern_from_config(dataclasses.replace(LMConfig(), pattern="musiclm")) == MusicLMPattern(4, 2)
+    cfg = dataclasses.replace(LMConfig(), pattern_flatten_first=2, pattern_empty_initial=1)
+    assert pattern_from_config(cfg) == DelayPattern(4, (0, 1, 2, 3), flatten_first=2, empty_initial=1)
+    cfg = dataclasses.replace(LMConfig(), pattern="parallel", pattern_empty_initial=2)
+    assert pattern_from_config(cfg) == ParallelPattern(4, empty_initial=2)
+    with pytest.raises(ValueError, match="flatten_first"):
+        pattern_from_config(dataclasses.replace(LMConfig(), pattern="parallel", pattern_flatten_first=1))
     with pytest.raises(ValueError, match="flattening"):
         pattern_from_config(dataclasses.replace(LMConfig(), pattern="delay", pattern_flattening=(0, 1, 2, 3)))
     with pytest.raises(ValueError, match="nope"):
         pattern_from_config(dataclasses.replace(LMConfig(), pattern="nope"))
+
+
+def test_config_checks_the_pattern_when_loaded():
+    """Every `lm.pattern*` key is checked by the pattern itself when the config loads (one registry: the names
+    are `PATTERNS`'), and a layout without the leading special step is refused for MusicGen's causal LM."""
+    with pytest.raises(ConfigError, match=f"unknown lm.pattern 'zigzag'; choose one of {', '.join(PATTERNS)}$"):
+        load_config("tiny", ["lm.pattern=zigzag"])
+    with pytest.raises(ConfigError, match="lm.pattern=delay: delays needs one entry per codebook"):
+        load_config("tiny", ["lm.pattern_delays=[0,1]"])
+    with pytest.raises(ConfigError, match="lm.pattern=unroll: .*takes no flatten_first"):
+        load_config("tiny", ["lm.pattern=unroll", "lm.pattern_flatten_first=1"])
+    with pytest.raises(ConfigError, match="lm.pattern_empty_initial=-1 omits the leading special step"):
+        load_config("tiny", ["lm.pattern=parallel", "lm.pattern_empty_initial=-1"])
+    config = load_config("tiny", ["lm.pattern=delay", "lm.pattern_flatten_first=2", "lm.pattern_empty_initial=1"])
+    assert pattern_from_config(config.lm) == DelayPattern(4, (0, 1, 2, 3), flatten_first=2, empty_initial=1)

@@ -14,8 +14,9 @@ from mgjax.config import load_config
 from mgjax.lm.model import MusicGenLM, quantize_lm_params
 from mgjax.lm.patterns import pattern_from_config
 
-PATTERNS = [("delay", []), ("parallel", []), ("unroll", []), ("unroll", ["lm.pattern_flattening=[0,1,1,2]"]),
-            ("coarse_first", []), ("musiclm", ["lm.pattern_group_size=2"])]
+CASES = [("delay", []), ("delay", ["lm.pattern_flatten_first=2", "lm.pattern_empty_initial=1"]),
+         ("parallel", []), ("parallel", ["lm.pattern_empty_initial=2"]), ("unroll", []),
+         ("unroll", ["lm.pattern_flattening=[0,1,1,2]"]), ("coarse_first", []), ("musiclm", [])]
 
 
 def tiny_model(overrides=()):
@@ -37,7 +38,7 @@ def perturbed(params, scale=0.5):
                                      for x, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("name, overrides", PATTERNS, ids=[f"{p}{i}" for i, (p, _) in enumerate(PATTERNS)])
+@pytest.mark.parametrize("name, overrides", CASES, ids=[f"{p}{i}" for i, (p, _) in enumerate(CASES)])
 def test_greedy_generation_is_the_argmax_of_the_teacher_forced_model(name, overrides):
     """Whatever the pattern, each generated token is the argmax of the full (uncached) model's logits at the step
     before it: the cached loop feeds the right columns at the right positions and writes only valid cells."""
@@ -85,3 +86,25 @@ def test_int8_weights_track_float32():
 def test_unknown_pattern_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown lm.pattern 'zigzag'"):
         load_config("tiny", ["lm.pattern=zigzag"])
+
+
+def test_pattern_sweep_times_the_sampler(tmp_path):
+    """`train.py --sweep` (the pattern ablation) trains each variant, then times the sampler itself on it: the
+    table holds a measured speed, and a sampler error would fail the sweep, not hide in it."""
+    import re
+
+    import yaml
+    from helpers_scripts import load_script
+
+    cli = load_script("train.py", "train_cli")
+    spec = {"base": "train-tiny",
+            "overrides": ["train.batch_size=2", "train.segment_duration=0.3", "train.warmup_steps=0",
+                          "train.total_steps=2", "train.eval_batches=1", "train.log_every=1000",
+                          f"train.output_dir={tmp_path / 'runs'}"],
+            "variants": [{"name": "musiclm", "overrides": ["lm.pattern=musiclm"]}]}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    rows = cli.sweep(cli.parse_args(["--sweep", str(tmp_path / "sweep.yaml"), "--synthetic"]))
+    assert [row["pattern"] for row in rows] == ["musiclm"]
+    assert re.fullmatch(r"\d+\.\d s/s", rows[0]["sampling_speed"]), rows
+    # musiclm lays out one codebook per step: 1 + 4 x 15 steps for 0.3 s (15 frames)
+    assert rows[0]["steps_per_s_audio"] == pytest.approx((1 + 4 * 15) / 0.3)

@@ -153,7 +153,9 @@ def test_checkpoint_restores_onto_another_mesh(multi_device, target, mesh, spec,
     assert restored["mesh"] == mesh and restored["devices"] == devices and restored["spec"] == spec
 
 
-def test_main_process_keeps_one_device():
-    assert len(jax.devices()) >= 1
+def test_main_process_keeps_one_device(multi_device):
+    """The 8 simulated devices live in the subprocess only: this process still has one CPU device (and its
+    accelerators, if any), and a `-1` mesh axis takes every device it has."""
+    assert len(jax.devices("cpu")) == 1
     mesh = sharding.make_mesh((-1, 1, 1))
-    assert mesh.devices.size == len(jax.devices())
+    assert mesh.devices.size == len(jax.devices()) and dict(mesh.shape)["data"] == len(jax.devices())

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mgjax import checkpoint
 from mgjax.codec.quantizer import ResidualVQ
 from mgjax.codec.seanet import SEANetDecoder, SEANetEncoder
 from mgjax.config import CodecConfig
@@ -74,9 +75,9 @@ class Codec:
     @classmethod
     def load(cls, directory: str) -> "Codec":
         """A codec from a converted checkpoint directory (a codec alone or a whole MusicGen)."""
-        from mgjax import checkpoint
-        config, params = checkpoint.load_codec(directory)
-        return cls(config, params)
+        config = checkpoint.load_codec_config(directory)
+        abstract = jax.eval_shape(lambda: init_codec_params(config))
+        return cls(config, checkpoint.restore_params(directory, {"codec": abstract})["codec"])
 
     @classmethod
     def from_config(cls, config: CodecConfig, seed: int = 0) -> "Codec":

@@ -1,189 +1,290 @@
 """Incremental EnCodec decoding: codes arriving a few frames at a time -> audio whose concatenation is the offline
 `Codec.decode` of all the codes.
 
-The decoder is cut where its one recurrent layer sits (`decoder_plan`): quantizer sum -> `pre` convolutions (frame
-rate) -> LSTM -> `post` (transposed convolutions up to the sample rate, residual blocks, last conv). The LSTM is
-causal: its state `(h, c)` per layer is carried from piece to piece. The convolutions are not (EnCodec 32 kHz is
-non-causal): each piece is computed on a span widened by the convolutions' receptive field on both sides
-(`context_frames`, exact integer bookkeeping of every layer's padding, kernel and stride) and the widened edges
-are cut off, so every emitted sample saw exactly the inputs it sees offline. Only the true start and end of the
-stream are padded as the offline decode pads them. The cost is latency: a frame's audio is emitted once
-`right` further frames are known (`StreamingDecoder.lookahead_frames`).
+Every decoder layer runs as a stateful stream (`stream_layers`): a stride-1 convolution keeps the last
+`left + right` inputs it has seen (its history, initialised with the left padding the offline decode applies at the
+true start), and on new inputs convolves history + inputs, so each output sees exactly the inputs it sees offline and
+nothing is computed twice; a non-causal convolution lags `right` samples behind its input. A transposed convolution
+keeps the partial sums its last input left in the next `kernel - stride` samples (the overlap-add tail); the LSTM
+keeps `(h, c)`. At the true end each layer appends the right padding the offline decode applies (`final`).
+
+One call of one compiled program (`_decode_step`) decodes a chunk of up to `chunk_frames` frames (a traced count of
+them valid; the rest of the fixed-shape slots are ignored), so pushes of any size share one program: three are
+compiled in all, for the first chunk (which builds the state), the steady chunks and the last (which flushes the
+lags). The layers' lags add up to `lag_samples`; audio is handed out in whole frames, so a frame's audio waits for
+`lookahead_frames = ceil(lag / hop)` further frames (the decoder's receptive field to the right: no exact stream
+can emit it sooner).
 """
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mgjax.codec.encodec import Codec, EncodecModel
-from mgjax.codec.seanet import _run_plan, decoder_plan, lstm_layer_from
+from mgjax.codec.seanet import conv_transpose_full, decoder_plan
 from mgjax.config import CodecConfig
 
 
-def _conv_padding(cfg: CodecConfig, effective_kernel: int) -> int:
-    """Left padding of a stride-1 `Conv1d` with this effective kernel (the rest of `kernel - 1` goes right)."""
+class StreamLayer(NamedTuple):
+    """One decoder layer as a stream. `kind`: conv | res | convtr | lstm. conv/res: `left`/`right` padding (the
+    history holds `left + right` inputs; the output lags `right` samples). convtr: `left` samples trimmed off the
+    start of the full output (the lag), `right` off the end; the tail holds `kernel - stride` samples."""
+
+    index: int
+    kind: str
+    elu: bool = False
+    kernel: int = 1
+    stride: int = 1
+    dilation: int = 1
+    left: int = 0
+    right: int = 0
+    lstm_layers: int = 0
+
+    @property
+    def lag(self) -> int:
+        """Samples (at this layer's output rate) by which its output trails its input."""
+        return 0 if self.kind == "lstm" else (self.left if self.kind == "convtr" else self.right)
+
+
+def _conv_padding(cfg: CodecConfig, effective_kernel: int) -> tuple[int, int]:
+    """`(left, right)` padding of a stride-1 `Conv1d` with this effective kernel, as `seanet.Conv1d` pads."""
     total = effective_kernel - 1
-    return total if cfg.causal else total - total // 2
+    left = total if cfg.causal else total - total // 2
+    return left, total - left
 
 
-def _transposed_trim(cfg: CodecConfig, kernel: int, stride: int) -> int:
-    """Samples `ConvTranspose1d` cuts off the left of its full output."""
+def _transposed_trim(cfg: CodecConfig, kernel: int, stride: int) -> tuple[int, int]:
+    """`(left, right)` samples `seanet.ConvTranspose1d` cuts off its full output."""
     total = kernel - stride
     right = math.ceil(total * cfg.trim_right_ratio) if cfg.causal else total // 2
-    return total - right
+    return total - right, right
 
 
-def needed_input(kind: str, kwargs: dict, cfg: CodecConfig, lo: int, hi: int) -> tuple[int, int]:
-    """The input positions `[lo', hi']` (inclusive) that output positions `[lo, hi]` of one decoder layer read."""
-    if kind in ("conv", "res"):
-        kernel = kwargs["kernel_size"] if kind == "conv" else cfg.residual_kernel_size
-        effective = (kernel - 1) * kwargs.get("dilation", 1) + 1
-        left = _conv_padding(cfg, effective)
-        return lo - left, hi - left + effective - 1
-    if kind == "convtr":
-        kernel, stride = kwargs["kernel_size"], kwargs["stride"]
-        trim = _transposed_trim(cfg, kernel, stride)
-        return -((kernel - 1 - lo - trim) // stride), (hi + trim) // stride
-    raise ValueError(f"no receptive field for a '{kind}' layer (recurrent layers carry state instead)")
+@functools.lru_cache(maxsize=None)
+def stream_layers(cfg: CodecConfig) -> tuple[StreamLayer, ...]:
+    """`decoder_plan(cfg)` with each layer's streaming geometry."""
+    layers = []
+    for index, kind, kwargs in decoder_plan(cfg):
+        elu = kwargs.get("elu", False)
+        if kind == "conv":
+            if kwargs.get("stride", 1) != 1:
+                raise ValueError("a strided convolution in the decoder cannot be streamed")
+            dilation = kwargs.get("dilation", 1)
+            left, right = _conv_padding(cfg, (kwargs["kernel_size"] - 1) * dilation + 1)
+            layers.append(StreamLayer(index, kind, elu, kwargs["kernel_size"], 1, dilation, left, right))
+        elif kind == "res":
+            dilation = kwargs["dilation"]
+            left, right = _conv_padding(cfg, (cfg.residual_kernel_size - 1) * dilation + 1)
+            layers.append(StreamLayer(index, kind, elu, cfg.residual_kernel_size, 1, dilation, left, right))
+        elif kind == "convtr":
+            left, right = _transposed_trim(cfg, kwargs["kernel_size"], kwargs["stride"])
+            layers.append(StreamLayer(index, kind, elu, kwargs["kernel_size"], kwargs["stride"], 1, left, right))
+        else:
+            layers.append(StreamLayer(index, kind, elu, lstm_layers=kwargs["num_layers"]))
+    return tuple(layers)
 
 
-def context_frames(plan: list[tuple[int, str, dict]], cfg: CodecConfig) -> tuple[int, int]:
-    """`(left, right)`: the frames before and after a frame that a stack of non-recurrent decoder layers reads to
-    compute that frame's samples (walked back layer by layer from the last)."""
-    upsampling = math.prod(kwargs["stride"] for _, kind, kwargs in plan if kind == "convtr")
-    lo, hi = 0, upsampling - 1
-    for _, kind, kwargs in reversed(plan):
-        lo, hi = needed_input(kind, kwargs, cfg, lo, hi)
-    return max(0, -lo), max(0, hi)
+def lag_samples(cfg: CodecConfig) -> int:
+    """Output samples by which the streamed audio trails the frames pushed (each layer's lag, upsampled by the
+    transposed convolutions after it)."""
+    lag = 0
+    for layer in stream_layers(cfg):
+        lag = lag * layer.stride + layer.lag
+    return lag
 
 
-def split_decoder(cfg: CodecConfig) -> tuple[int, int]:
-    """`(pre_stop, post_start)` indices into `decoder_plan`: `plan[:pre_stop]` runs before the LSTM,
-    `plan[post_start:]` after it. Without an LSTM everything is `post`: (0, 0)."""
-    kinds = [kind for _, kind, _ in decoder_plan(cfg)]
-    if "lstm" not in kinds:
-        return 0, 0
-    position = kinds.index("lstm")
-    return position, position + 1
+def count_after(layer: StreamLayer, count, start: bool, final: bool):
+    """Valid outputs of `layer` for `count` valid inputs (an int, or traced inside the program): the first call
+    drops the lag's outputs (they would precede the true start), the last adds them (the right padding's)."""
+    scaled = count * layer.stride
+    return scaled - (layer.lag if start else 0) + (layer.lag if final else 0)
 
 
-class _DecoderSpan(nn.Module):
-    """Layers `decoder_plan[start:stop]`, named as in `SEANetDecoder` (so its params apply): `[B, N, C]` in and out."""
-
-    config: CodecConfig
-    start: int
-    stop: int
-
-    @nn.compact
-    def __call__(self, x_BxNxC: jax.Array) -> jax.Array:
-        return _run_plan(decoder_plan(self.config)[self.start: self.stop], self.config, x_BxNxC)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _latents_through(cfg: CodecConfig, start: int, stop: int, params, codes_BxKxT: jax.Array) -> jax.Array:
-    """Quantizer sum of codes `[B, K, T]`, then decoder layers `[start, stop)`: `[B, T, D']`."""
-    latents = EncodecModel(cfg).apply({"params": params}, codes_BxKxT, method=lambda m, c: m.quantizer.decode(c))
-    return _DecoderSpan(cfg, start, stop).apply({"params": params["decoder"]}, latents)
+def min_start_frames(cfg: CodecConfig) -> int:
+    """Fewest frames the first call needs: every layer must get at least as many inputs as it lags, and with
+    reflect padding more than it pads on either side (the reflection reads them, and the offline decode's
+    zero-extension of shorter inputs never happens)."""
+    reflect = cfg.pad_mode == "reflect"
+    for frames in range(1, 10_000):
+        count, enough = frames, True
+        for layer in stream_layers(cfg):
+            if layer.kind in ("conv", "res") and reflect and count < max(layer.left, layer.right) + 1:
+                enough = False
+            count = count_after(layer, count, start=True, final=False)
+            enough = enough and count >= 0
+        if enough:
+            return frames
+    raise ValueError("no first chunk can start this decoder")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _span(cfg: CodecConfig, start: int, stop: int, params, x_BxNxC: jax.Array) -> jax.Array:
-    """Decoder layers `[start, stop)` on `[B, N, C]`."""
-    return _DecoderSpan(cfg, start, stop).apply({"params": params["decoder"]}, x_BxNxC)
+def _valid(x_BxSxC: jax.Array, count) -> jax.Array:
+    """Zeros in the slots past `count`."""
+    return jnp.where(jnp.arange(x_BxSxC.shape[1])[None, :, None] < count, x_BxSxC, 0)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _lstm_from(num_layers: int, lstm_params, x_BxTxD: jax.Array, states):
-    """The decoder's LSTM (with its skip connection) from per-layer `states`: `([B, T, D], states after)`."""
-    h, after = x_BxTxD, []
+def _conv(x_BxNxC: jax.Array, kernel, bias, dilation: int = 1) -> jax.Array:
+    """Unpadded stride-1 convolution (the op `seanet.Conv1d` runs after padding)."""
+    y = jax.lax.conv_general_dilated(x_BxNxC, kernel.astype(x_BxNxC.dtype), window_strides=(1,), padding="VALID",
+                                     rhs_dilation=(dilation,), dimension_numbers=("NWC", "WIO", "NWC"))
+    return y + bias.astype(y.dtype)
+
+
+def _padded_history(layer: StreamLayer, cfg: CodecConfig, x_BxSxC, count, history, start: bool, final: bool):
+    """`(buffer, next history)`: the layer's history then its inputs then `right` slots, as the offline decode's
+    padded input reads them: at the start the history is the left padding (after `right` unused slots), at the end
+    the right padding follows the last valid input."""
+    batch, _, channels = x_BxSxC.shape
+    left, right = layer.left, layer.right
+    if final and cfg.pad_mode != "reflect":
+        x_BxSxC = _valid(x_BxSxC, count)
+    if start:
+        pad = (x_BxSxC[:, 1: left + 1][:, ::-1] if cfg.pad_mode == "reflect"
+               else jnp.zeros((batch, left, channels), x_BxSxC.dtype))
+        history = jnp.concatenate([jnp.zeros((batch, right, channels), x_BxSxC.dtype), pad], axis=1)
+    buffer = jnp.concatenate([history, x_BxSxC, jnp.zeros((batch, right, channels), x_BxSxC.dtype)], axis=1)
+    end = left + right + count  # buffer index just past the last valid input
+    if final and right and cfg.pad_mode == "reflect":
+        mirrored = jnp.take(buffer, end - 2 - jnp.arange(right), axis=1)
+        buffer = jax.lax.dynamic_update_slice_in_dim(buffer, mirrored, end, axis=1)
+    return buffer, jax.lax.dynamic_slice_in_dim(buffer, count, left + right, axis=1)
+
+
+def _lstm_masked(x_BxSxD, lstm_params, states, count, num_layers: int):
+    """The decoder's LSTM (with its skip) over the first `count` slots from `states`; the state after the last
+    valid slot. The cell is `seanet.lstm_layer_from`'s, step for step."""
+    valid_S = jnp.arange(x_BxSxD.shape[1]) < count
+    h_seq, after = x_BxSxD, []
     for layer in range(num_layers):
-        h, state = lstm_layer_from(h, lstm_params[f"w_ih_{layer}"], lstm_params[f"w_hh_{layer}"],
-                                   lstm_params[f"bias_{layer}"], states[layer])
+        w_ih, w_hh = lstm_params[f"w_ih_{layer}"], lstm_params[f"w_hh_{layer}"].astype(x_BxSxD.dtype)
+        gates_in_SxBx4H = (jnp.einsum("bnc,cg->nbg", h_seq, w_ih.astype(x_BxSxD.dtype))
+                           + lstm_params[f"bias_{layer}"].astype(x_BxSxD.dtype))
+
+        def step(carry, inputs, w_hh=w_hh):
+            gates_in, valid = inputs
+            h, c = carry
+            gates = gates_in + h @ w_hh
+            i, f, g, o = jnp.split(gates, 4, axis=-1)
+            c_new = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+            h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
+            return (jnp.where(valid, h_new, h), jnp.where(valid, c_new, c)), h_new
+
+        state, h_SxBxH = jax.lax.scan(step, states[layer], (gates_in_SxBx4H, valid_S))
+        h_seq = jnp.transpose(h_SxBxH, (1, 0, 2))
         after.append(state)
-    return h + x_BxTxD, tuple(after)
+    return h_seq + x_BxSxD, tuple(after)
+
+
+def _layer_step(layer: StreamLayer, cfg: CodecConfig, params, x, count, state, start: bool, final: bool):
+    """One layer on a chunk `x [B, S, C]` (`count` slots valid): `(outputs [B, S', C'], state after)`; the valid
+    outputs are the first `count_after(...)` slots."""
+    if layer.kind == "lstm":
+        if start:
+            zeros = jnp.zeros((x.shape[0], x.shape[-1]), x.dtype)
+            state = tuple((zeros, zeros) for _ in range(layer.lstm_layers))
+        return _lstm_masked(x, params, state, count, layer.lstm_layers)
+    if layer.kind == "convtr":
+        x = _valid(x, count)
+        y = conv_transpose_full(jax.nn.elu(x) if layer.elu else x, params["kernel"].astype(x.dtype), layer.stride)
+        overlap = layer.kernel - layer.stride
+        if not start:
+            y = jnp.concatenate([y[:, :overlap] + state, y[:, overlap:]], axis=1)
+        tail = jax.lax.dynamic_slice_in_dim(y, count * layer.stride, overlap, axis=1)
+        y = y + params["bias"].astype(y.dtype)
+        return (y[:, layer.left:] if start else y), tail
+    buffer, history = _padded_history(layer, cfg, x, count, state, start, final)
+    if layer.kind == "conv":
+        y = _conv(jax.nn.elu(buffer) if layer.elu else buffer, params["kernel"], params["bias"], layer.dilation)
+    else:  # residual block: shortcut + conv1x1(elu(conv_k(elu(x))))
+        h = _conv(jax.nn.elu(buffer), params["block_1"]["kernel"], params["block_1"]["bias"], layer.dilation)
+        h = _conv(jax.nn.elu(h), params["block_3"]["kernel"], params["block_3"]["bias"])
+        shortcut = buffer[:, layer.left: layer.left + h.shape[1]]
+        if not cfg.true_skip:
+            shortcut = _conv(shortcut, params["shortcut"]["kernel"], params["shortcut"]["bias"])
+        y = shortcut + h
+    return (y[:, layer.right:] if start else y), history
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "start", "final"))
+def _decode_step(params, state, codes_BxKxS: jax.Array, count: jax.Array, *, cfg: CodecConfig, start: bool,
+                 final: bool):
+    """Codes `[B, K, S]` (the first `count` valid) through every decoder layer from `state` (None at the start):
+    `(state after, audio [B, N, C] whose first count_after(...) samples are valid)`."""
+    x = EncodecModel(cfg).apply({"params": params}, codes_BxKxS, method=lambda m, c: m.quantizer.decode(c))
+    after = []
+    for position, layer in enumerate(stream_layers(cfg)):
+        x, layer_state = _layer_step(layer, cfg, params["decoder"][f"layers_{layer.index}"], x, count,
+                                     None if start else state[position], start, final)
+        after.append(layer_state)
+        count = count_after(layer, count, start, final)
+    return tuple(after), x
 
 
 class StreamingDecoder:
     """Decodes codes `[B, K, T]` handed over in pieces (`push`), returning each piece's audio `[B, C, n]` as soon as
     the decoder's right context is known; `push(..., final=True)` flushes the rest. The pieces' audio concatenated
-    is `codec.decode(all codes)` (float32 round-off: the same convolutions on spans of other lengths)."""
+    is `codec.decode(all codes)` (float32 round-off: the same convolutions on spans of other lengths).
 
-    def __init__(self, codec: Codec, batch: int):
+    `chunk_frames`: the frames one compiled call decodes (a push of up to that many frames is one call; smaller
+    pushes use the same program). A stream shorter than `min_start_frames` is decoded offline at the end."""
+
+    def __init__(self, codec: Codec, batch: int, chunk_frames: int = 16):
         cfg = codec.config
         self.codec, self.config, self.batch = codec, cfg, batch
-        self.pre_stop, self.post_start = split_decoder(cfg)
-        plan = decoder_plan(cfg)
-        self.pre_context = context_frames(plan[: self.pre_stop], cfg) if self.pre_stop else (0, 0)
-        self.post_context = context_frames(plan[self.post_start:], cfg)
-        self.codes = np.zeros((batch, cfg.n_q, 0), np.int32)   # every code pushed so far
-        self.emitted = 0           # frames whose audio has been returned
-        self.lstm_done = 0         # frames the LSTM has consumed
-        self.lstm_out = None       # [B, F, D] LSTM outputs of frames [lstm_offset, lstm_done)
-        self.lstm_offset = 0
-        self.states = None
-        if self.pre_stop:
-            lstm = plan[self.pre_stop]
-            self.lstm_params = codec.params["decoder"][f"layers_{lstm[0]}"]
-            self.lstm_layers = lstm[2]["num_layers"]
+        self.min_start = min_start_frames(cfg)
+        self.chunk_frames = max(int(chunk_frames), self.min_start)
+        self.lag = lag_samples(cfg)
+        self.pending = np.zeros((batch, cfg.n_q, 0), np.int32)  # codes pushed, not yet decoded
+        self.state: Optional[tuple] = None                       # None: nothing decoded yet
+        self.audio = np.zeros((batch, cfg.channels, 0), np.float32)  # decoded samples not yet returned
+        self.known = 0             # frames pushed
+        self.returned = 0          # frames whose audio has been returned
 
     @property
     def lookahead_frames(self) -> int:
-        """Frames that must follow a frame before its audio can be emitted (the latency the exact stream costs)."""
-        return self.pre_context[1] + self.post_context[1]
+        """Frames that must follow a frame before its audio can be returned (the latency the exact stream costs)."""
+        return -(-self.lag // self.config.hop_length)
 
     def push(self, codes_BxKxT, final: bool = False) -> np.ndarray:
         """Appends codes `[B, K, t]` (t may be 0); returns the float32 audio `[B, C, n]` now complete (n a multiple
         of the hop; 0 while the lookahead is not yet known)."""
-        codes_BxKxT = self.codec._check_codes(codes_BxKxT)
-        self.codes = np.concatenate([self.codes, np.asarray(codes_BxKxT)], axis=-1)
-        known = self.codes.shape[-1]
-        if self.pre_stop:
-            ready = known if final else max(self.lstm_done, known - self.pre_context[1])
-            self._advance_lstm(ready)
-            post_source = ready
-        else:
-            post_source = known
-        until = post_source if final else max(self.emitted, post_source - self.post_context[1])
-        if until <= self.emitted:
-            return np.zeros((self.batch, self.config.channels, 0), np.float32)
-        wav = self._post(self.emitted, until, post_source)
-        self.emitted = until
-        return wav
-
-    def _advance_lstm(self, ready: int) -> None:
-        """Runs the `pre` layers and the LSTM over frames `[lstm_done, ready)`, keeping the outputs `post` needs."""
-        if ready <= self.lstm_done:
-            return
-        left, right = self.pre_context
-        lo, hi = max(0, self.lstm_done - left), min(self.codes.shape[-1], ready + right)
-        x = _latents_through(self.config, 0, self.pre_stop, self.codec.params, jnp.asarray(self.codes[:, :, lo:hi]))
-        x = x[:, self.lstm_done - lo: ready - lo]
-        if self.states is None:
-            zeros = jnp.zeros((self.batch, x.shape[-1]), x.dtype)
-            self.states = tuple((zeros, zeros) for _ in range(self.lstm_layers))
-        y, self.states = _lstm_from(self.lstm_layers, self.lstm_params, x, self.states)
-        self.lstm_out = np.asarray(y) if self.lstm_out is None else np.concatenate([self.lstm_out, np.asarray(y)], 1)
-        self.lstm_done = ready
-        keep_from = max(0, self.emitted - self.post_context[0])  # older outputs are never read again
-        self.lstm_out = self.lstm_out[:, keep_from - self.lstm_offset:]
-        self.lstm_offset = keep_from
-
-    def _post(self, start: int, stop: int, available: int) -> np.ndarray:
-        """Audio `[B, C, (stop - start) * hop]` of frames `[start, stop)`, from the span widened by `post_context`
-        within the `available` frames."""
-        left, right = self.post_context
-        lo, hi = max(0, start - left), min(available, stop + right)
-        if self.pre_stop:
-            source = jnp.asarray(self.lstm_out[:, lo - self.lstm_offset: hi - self.lstm_offset])
-            wav_BxNxC = _span(self.config, self.post_start, len(decoder_plan(self.config)), self.codec.params, source)
-        else:
-            wav_BxNxC = _latents_through(self.config, 0, len(decoder_plan(self.config)), self.codec.params,
-                                         jnp.asarray(self.codes[:, :, lo:hi]))
+        codes = np.asarray(self.codec._check_codes(codes_BxKxT))
+        self.pending = np.concatenate([self.pending, codes], axis=-1)
+        self.known += codes.shape[-1]
         hop = self.config.hop_length
-        wav_BxNxC = wav_BxNxC[:, (start - lo) * hop: (stop - lo) * hop]
-        return np.asarray(jnp.transpose(wav_BxNxC, (0, 2, 1)), np.float32)
+        if self.state is None and self.pending.shape[-1] < self.min_start:
+            if not final or self.known == 0:
+                return np.zeros((self.batch, self.config.channels, 0), np.float32)
+            wav = np.asarray(self.codec.decode(self.pending), np.float32)  # too short to start a stream
+            self.pending = self.pending[:, :, :0]
+            self.returned = self.known
+            return wav
+        pieces = []
+        while True:
+            frames = min(self.chunk_frames, self.pending.shape[-1])
+            last = final and frames == self.pending.shape[-1]
+            if frames == 0 and not last:
+                break
+            start = self.state is None
+            slots = np.zeros((self.batch, self.config.n_q, self.chunk_frames), np.int32)
+            slots[:, :, :frames] = self.pending[:, :, :frames]
+            self.state, wav = _decode_step(self.codec.params, self.state, slots, np.int32(frames), cfg=self.config,
+                                           start=start, final=last)
+            valid = frames
+            for layer in stream_layers(self.config):
+                valid = count_after(layer, valid, start, last)
+            pieces.append(wav[:, :valid])
+            self.pending = self.pending[:, :, frames:]
+            if last:
+                break
+        if pieces:
+            self.audio = np.concatenate([self.audio] + [np.asarray(p).transpose(0, 2, 1) for p in pieces], axis=-1)
+        frames_out = self.known if final else max(self.returned, self.known - self.lookahead_frames)
+        take = (frames_out - self.returned) * hop
+        wav, self.audio = self.audio[:, :, :take], self.audio[:, :, take:]
+        self.returned = frames_out
+        return np.ascontiguousarray(wav)

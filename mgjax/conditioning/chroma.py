@@ -4,7 +4,8 @@ The reference is transformers' `MusicgenMelodyFeatureExtractor` (itself a port o
 with `argmax=True`). Its path, reproduced here step by step:
 
 1. audio at another rate is resampled to 32 kHz (torchaudio's windowed-sinc resampler, `rolloff=0.945`,
-   `lowpass_filter_width=24`); multichannel audio is averaged to mono (here before resampling, both are linear);
+   `lowpass_filter_width=24`: `mgjax.audio.resample`, which every audio path shares); multichannel audio is
+   averaged to mono (here before resampling, both are linear);
    a batch is zero-padded to its longest item and truncated to `chunk_length = 30` s.
 2. audio shorter than `n_fft` is zero-padded to `n_fft`, split as evenly as possible (left gets `pad // 2`).
 3. power spectrogram (torchaudio `Spectrogram(n_fft=16384, win_length=16384, hop_length=4096, power=2,
@@ -35,12 +36,13 @@ Everything is pure functions; the filter bank, window and resampling kernels are
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mgjax.audio import resample  # the one resampler, shared with training data and audio prompts
 
 SAMPLE_RATE = 32000  # the extractor's (and the model's) sampling rate
 N_FFT = 16384
@@ -49,9 +51,6 @@ N_CHROMA = 12
 MAX_SECONDS = 30.0  # the extractor's `chunk_length`: longer melodies are truncated
 CHROMA_LENGTH = 235  # MusicgenMelodyConfig.chroma_length: frames of 30 s at 32 kHz, 1 + 960000 // 4096
 EPS = 1e-6  # torch.nn.functional.normalize's eps as the extractor calls it
-RESAMPLE_ROLLOFF = 0.945  # the extractor's torchaudio.functional.resample arguments
-RESAMPLE_LOWPASS_WIDTH = 24
-_MAX_KERNEL_ELEMENTS = 1 << 26  # resampling kernels above this (256 MiB float32) are refused
 
 ArrayLike = Union[np.ndarray, jax.Array]
 
@@ -229,74 +228,6 @@ def null_chroma(batch: int, length: int = CHROMA_LENGTH, n_chroma: int = N_CHROM
     if batch < 1 or length < 1 or n_chroma < 1:
         raise ValueError(f"batch, length and n_chroma must be >= 1, got {batch}, {length}, {n_chroma}")
     return jnp.zeros((batch, length, n_chroma), jnp.float32).at[:, :, 0].set(1.0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# resampling (torchaudio.functional.resample, sinc_interp_hann, as the extractor calls it)
-
-
-@functools.lru_cache(maxsize=16)
-def _sinc_resample_kernel(orig: int, new: int, lowpass_filter_width: int, rolloff: float):
-    """Kernel `[new, 1, 2 * width + orig]` (rates already divided by their gcd) and `width`."""
-    base = min(orig, new) * rolloff
-    width = math.ceil(lowpass_filter_width * orig / base)
-    n_taps = 2 * width + orig
-    if new * n_taps > _MAX_KERNEL_ELEMENTS:
-        raise ValueError(
-            f"resampling {orig}:{new} (after gcd reduction) needs a {new} x {n_taps} kernel; "
-            "resample to a rate with a simpler ratio to 32000 first"
-        )
-    # float32 arithmetic in torchaudio's order (it builds the kernel in the waveform's dtype, float32 here), so
-    # the kernel matches the reference's to ~1 ulp rather than being a (slightly different) float64 one
-    f32 = np.float32
-    idx = np.arange(-width, width + orig, dtype=f32)[None, :] / f32(orig)
-    t = np.arange(0, -new, -1, dtype=f32)[:, None] / f32(new) + idx
-    t = np.clip(t * f32(base), f32(-lowpass_filter_width), f32(lowpass_filter_width))
-    window = np.cos(t * f32(math.pi) / f32(lowpass_filter_width) / f32(2)) ** 2
-    t = t * f32(math.pi)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kern = np.where(t == 0, f32(1.0), np.sin(t) / t)
-    kern = (kern * (window * f32(base / orig))).astype(np.float32)[:, None, :]
-    kern.setflags(write=False)
-    return kern, width
-
-
-@functools.partial(jax.jit, static_argnames=("orig", "new", "width", "out_len"))
-def _apply_resample(x_BxN, kernel, *, orig, new, width, out_len):
-    x = jnp.pad(x_BxN.astype(jnp.float32), ((0, 0), (width, width + orig)))[:, None, :]  # [B, 1, L]
-    y = jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(orig,), padding="VALID",
-        dimension_numbers=("NCH", "OIH", "NCH"), precision=jax.lax.Precision.HIGHEST,
-    )  # [B, new, J]: output sample j * new + phase
-    y = jnp.swapaxes(y, 1, 2).reshape(x.shape[0], -1)
-    return y[:, :out_len]
-
-
-def resample(
-    wav: ArrayLike,
-    orig_sr: int,
-    new_sr: int = SAMPLE_RATE,
-    *,
-    lowpass_filter_width: int = RESAMPLE_LOWPASS_WIDTH,
-    rolloff: float = RESAMPLE_ROLLOFF,
-) -> jax.Array:
-    """Band-limited (Hann-windowed sinc) resampling along the last axis, torchaudio's algorithm with the
-    extractor's settings. wav `[..., N]` -> float32 `[..., ceil(N * new_sr / orig_sr)]`."""
-    if int(orig_sr) != orig_sr or int(new_sr) != new_sr or orig_sr <= 0 or new_sr <= 0:
-        raise ValueError(f"sample rates must be positive integers, got {orig_sr} -> {new_sr}")
-    wav = jnp.asarray(wav)
-    if wav.ndim < 1 or wav.shape[-1] == 0:
-        raise ValueError(f"wav must have a non-empty last (time) axis, got shape {tuple(wav.shape)}")
-    orig_sr, new_sr = int(orig_sr), int(new_sr)
-    if orig_sr == new_sr:
-        return wav.astype(jnp.float32)
-    g = math.gcd(orig_sr, new_sr)
-    orig, new = orig_sr // g, new_sr // g
-    kernel, width = _sinc_resample_kernel(orig, new, int(lowpass_filter_width), float(rolloff))
-    lead, n = wav.shape[:-1], wav.shape[-1]
-    out_len = -(-new * n // orig)
-    y = _apply_resample(wav.reshape(-1, n), jnp.asarray(kernel), orig=orig, new=new, width=width, out_len=out_len)
-    return y.reshape(lead + (out_len,))
 
 
 # ----------------------------------------------------------------------------------------------------------------

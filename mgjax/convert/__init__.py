@@ -1,75 +1,40 @@
 """Converters from released PyTorch checkpoints to mgjax (Orbax) checkpoints.
 
 `convert_checkpoint(src, dst)` auto-detects the source format:
-- a transformers directory (`config.json` + `*.safetensors` / `*.bin`): `EncodecModel`, `MusicgenForConditionalGeneration`
-  or `MusicgenMelodyForConditionalGeneration`;
+- a transformers directory (`config.json` + `*.safetensors` / `*.bin`): `EncodecModel`,
+  `MusicgenForConditionalGeneration` or `MusicgenMelodyForConditionalGeneration`;
 - an audiocraft directory (`state_dict.bin` + `compression_state_dict.bin`).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from mgjax import checkpoint
 from mgjax.config import to_dict
-from mgjax.convert.io import ConversionError, load_transformers_state_dict
+from mgjax.convert.audiocraft import convert_audiocraft
+from mgjax.convert.encodec_weights import codec_config_from_hf, codec_params
+from mgjax.convert.hf import convert_musicgen
+from mgjax.convert.io import (TOKENIZER_FILES, ConversionError, detect_format, load_transformers_state_dict, matching,
+                              read_json, resolve_hub_cache, tokenizer_files)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
-                   "added_tokens.json", "vocab.json", "merges.txt")
-
-
-def resolve_hub_cache(src_dir: str) -> str:
-    """A Hugging Face hub cache folder (`models--facebook--musicgen-small`, as `huggingface_hub` downloads into)
-    -> its one snapshot directory; any other directory as it is. Several snapshots: an error listing them."""
-    snapshots = os.path.join(src_dir, "snapshots")
-    if not os.path.isdir(snapshots) or os.path.exists(os.path.join(src_dir, "config.json")):
-        return src_dir
-    revisions = sorted(name for name in os.listdir(snapshots) if os.path.isdir(os.path.join(snapshots, name)))
-    if len(revisions) == 1:
-        return os.path.join(snapshots, revisions[0])
-    example = os.path.join(snapshots, revisions[0]) if revisions else snapshots
-    raise ConversionError(f"{src_dir} is a hub cache with {len(revisions)} snapshots "
-                          f"({', '.join(revisions) or 'none'}); pass one of them, e.g. {example}")
-
-
-def detect_format(src_dir: str) -> str:
-    """'transformers' or 'audiocraft', or a `ConversionError` saying what the directory lacks."""
-    if not os.path.isdir(src_dir):
-        raise ConversionError(f"source {src_dir} is not a directory; pass the folder holding the checkpoint")
-    names = set(os.listdir(src_dir))
-    if "config.json" in names:
-        return "transformers"
-    if "state_dict.bin" in names or "compression_state_dict.bin" in names:
-        return "audiocraft"
-    raise ConversionError(f"{src_dir} is neither a transformers checkpoint (config.json + *.safetensors) nor an "
-                          f"audiocraft one (state_dict.bin + compression_state_dict.bin)")
-
-
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConversionError(f"cannot read {path} ({err}); the checkpoint is corrupt") from None
+__all__ = ["TOKENIZER_FILES", "ConversionError", "convert_checkpoint", "detect_format", "read_json",
+           "read_transformers_musicgen", "resolve_hub_cache"]
 
 
 def _convert_transformers(src_dir: str, dst_dir: str, overwrite: bool) -> str:
     config = read_json(os.path.join(src_dir, "config.json"))
     model_type = config.get("model_type")
     if model_type == "encodec":
-        from mgjax.convert.encodec_weights import codec_config_from_hf, codec_params
         codec_config = codec_config_from_hf(config)
-        params = {"codec": codec_params(load_transformers_state_dict(src_dir), codec_config)}
+        params = {"codec": matching("the checkpoint does not match its config.json", codec_params,
+                                    load_transformers_state_dict(src_dir), codec_config)}
         return checkpoint.save(dst_dir, "codec", {"codec": to_dict(codec_config)}, params,
                                source=f"transformers:{model_type}", overwrite=overwrite)
     if model_type in ("musicgen", "musicgen_melody"):
-        from mgjax.convert.hf import convert_musicgen
-        tokenizer_files = {n: os.path.join(src_dir, n) for n in TOKENIZER_FILES
-                           if os.path.isfile(os.path.join(src_dir, n))}
         model_config, params = convert_musicgen(config, load_transformers_state_dict(src_dir))
         return checkpoint.save(dst_dir, "musicgen", to_dict(model_config), params,
-                               source=f"transformers:{model_type}", tokenizer_files=tokenizer_files,
+                               source=f"transformers:{model_type}", tokenizer_files=tokenizer_files(src_dir),
                                overwrite=overwrite)
     raise ConversionError(f"{src_dir}/config.json has model_type={model_type!r}; supported: 'encodec', "
                           f"'musicgen', 'musicgen_melody'")
@@ -86,7 +51,6 @@ def read_transformers_musicgen(src_dir: str) -> tuple[Any, dict, str]:
     config = read_json(os.path.join(src_dir, "config.json"))
     if config.get("model_type") not in ("musicgen", "musicgen_melody"):
         raise ConversionError(f"{src_dir}/config.json has model_type={config.get('model_type')!r}, not a MusicGen")
-    from mgjax.convert.hf import convert_musicgen
     model_config, params = convert_musicgen(config, load_transformers_state_dict(src_dir))
     return model_config, params, src_dir
 
@@ -105,5 +69,4 @@ def convert_checkpoint(src_dir: str, dst_dir: str, *, t5_dir: str | None = None,
         raise ConversionError("the output directory must differ from the source directory")
     if fmt == "transformers":
         return _convert_transformers(src_dir, dst_dir, overwrite)
-    from mgjax.convert.audiocraft import convert_audiocraft
     return convert_audiocraft(src_dir, dst_dir, t5_dir=t5_dir, overwrite=overwrite)

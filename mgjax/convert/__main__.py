@@ -5,6 +5,11 @@ import argparse
 import signal
 import sys
 
+import mgjax.convert
+from mgjax.checkpoint import CheckpointError
+from mgjax.config import ConfigError
+from mgjax.convert.io import ConversionError
+
 
 def exit_on_signal(number: int, _frame) -> None:
     """A signal handler that raises SystemExit(128 + signal), so `finally` blocks and cleanups run."""
@@ -33,12 +38,8 @@ def main(argv=None) -> int:
 
 def convert(args: argparse.Namespace) -> int:
     """Runs the conversion `args` ask for -> exit status (2 with a one-line error for a bad source or target)."""
-    from mgjax.checkpoint import CheckpointError
-    from mgjax.config import ConfigError
-    from mgjax.convert import convert_checkpoint
-    from mgjax.convert.io import ConversionError
     try:
-        path = convert_checkpoint(args.src, args.dst, t5_dir=args.t5_dir, overwrite=args.overwrite)
+        path = mgjax.convert.convert_checkpoint(args.src, args.dst, t5_dir=args.t5_dir, overwrite=args.overwrite)
     except (ConversionError, CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

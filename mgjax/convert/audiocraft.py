@@ -26,8 +26,6 @@ import os
 import re
 from typing import Any, Mapping
 
-import numpy as np
-
 from mgjax import checkpoint
 from mgjax.config import ConfigError, MusicGenConfig, to_dict
 from mgjax.convert.audiocraft_config import (cfg_get, codec_config_from_audiocraft, lm_config_from_audiocraft,
@@ -35,7 +33,8 @@ from mgjax.convert.audiocraft_config import (cfg_get, codec_config_from_audiocra
 from mgjax.convert.encodec_weights import AUDIOCRAFT, codec_params
 from mgjax.convert.hf_lm import DECODER, lm_params_from_hf
 from mgjax.convert.hf_t5 import t5_config_from_hf, t5_params_from_hf
-from mgjax.convert.io import ConversionError, UnsafePickleError, load_torch_file, load_transformers_state_dict
+from mgjax.convert.io import (ConversionError, UnsafePickleError, load_torch_file, load_transformers_state_dict,
+                              matching, read_json, tokenizer_files)
 
 LM_FILE = "state_dict.bin"
 CODEC_FILE = "compression_state_dict.bin"
@@ -138,34 +137,11 @@ def lm_state_to_transformers(state: Mapping[str, Any]) -> dict:
     return out
 
 
-def _float32(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # torch tensor (fp16 / bf16 have no direct numpy route)
-        value = value.detach().cpu()
-        return (value.float() if value.is_floating_point() else value).numpy()
-    return np.asarray(value)
-
-
-def codec_state(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """audiocraft codec state dict -> numpy (float32 for floating tensors)."""
-    return {key: _float32(value) for key, value in state.items()}
-
-
-def _params(what: str, fn, *args) -> dict:
-    try:
-        return fn(*args)
-    except ConversionError:
-        raise
-    except (KeyError, ValueError) as err:
-        raise ConversionError(f"{what} do not match their xp.cfg: {err.args[0] if err.args else err}") from None
-
-
 # --- T5 -----------------------------------------------------------------------------------------------------------
 
 def load_t5(t5_dir: str, width: int, name: str) -> tuple[Any, dict, dict]:
     """`(T5Config, params, tokenizer files)` from a transformers T5 (or MusicGen) directory; `width` is the input
     width of the checkpoint's text projection, which the T5 must produce."""
-    from mgjax.convert import TOKENIZER_FILES, read_json
-
     config_path = os.path.join(t5_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ConversionError(f"--t5 {t5_dir} is not a transformers T5 directory (no config.json); it must hold "
@@ -181,10 +157,9 @@ def load_t5(t5_dir: str, width: int, name: str) -> tuple[Any, dict, dict]:
     if t5_config.d_model != width:
         raise ConversionError(f"--t5 {t5_dir} has d_model={t5_config.d_model} but the checkpoint's text projection "
                               f"expects {width} ({name!r}); pass the matching T5")
-    params = _params(f"the T5 weights in {t5_dir}", t5_params_from_hf, load_transformers_state_dict(t5_dir),
-                     t5_config, prefix)
-    tokenizer = {n: os.path.join(t5_dir, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(t5_dir, n))}
-    return t5_config, params, tokenizer
+    params = matching(f"the T5 weights in {t5_dir} do not match their config.json", t5_params_from_hf,
+                      load_transformers_state_dict(t5_dir), t5_config, prefix)
+    return t5_config, params, tokenizer_files(t5_dir)
 
 
 # --- entry point --------------------------------------------------------------------------------------------------
@@ -203,7 +178,7 @@ def convert_audiocraft(src_dir: str, dst_dir: str, *, t5_dir: str | None = None,
         raise ConversionError("audiocraft checkpoints do not include the T5 text encoder: pass a transformers T5 "
                               "directory (e.g. t5-base saved with save_pretrained) with --t5 DIR (t5_dir=...)")
     lm_state, lm_cfg = read_package(os.path.join(src_dir, LM_FILE))
-    codec_raw, codec_cfg = read_package(os.path.join(src_dir, CODEC_FILE))
+    codec_state, codec_cfg = read_package(os.path.join(src_dir, CODEC_FILE))
     lm_config = lm_config_from_audiocraft(lm_cfg)
     codec_config = codec_config_from_audiocraft(codec_cfg, lm_config.num_codebooks // lm_config.audio_channels)
     if codec_config.sample_rate != int(cfg_get(lm_cfg, "sample_rate", codec_config.sample_rate)):
@@ -216,15 +191,16 @@ def convert_audiocraft(src_dir: str, dst_dir: str, *, t5_dir: str | None = None,
         raise ConversionError(f"{LM_FILE} has no condition_provider.conditioners.description.output_proj.weight "
                               f"(the text projection)")
     t5_name = str(cfg_get(lm_cfg, "conditioners.description.t5.name", "t5-base"))
-    text_config, text_params, tokenizer_files = load_t5(t5_dir, int(proj.shape[1]), t5_name)
+    text_config, text_params, tokenizer = load_t5(t5_dir, int(proj.shape[1]), t5_name)
     try:
         model_config = MusicGenConfig(codec=codec_config, text=text_config, lm=lm_config).validate()
     except ConfigError as err:
         raise ConversionError(f"the LM and codec configs disagree: {err}") from None
-    params = {"codec": _params(f"the weights in {CODEC_FILE}", codec_params, codec_state(codec_raw), codec_config,
-                               AUDIOCRAFT),
+    params = {"codec": matching(f"the weights in {CODEC_FILE} do not match their xp.cfg", codec_params, codec_state,
+                                codec_config, AUDIOCRAFT),
               "text": text_params,
-              "lm": _params(f"the weights in {LM_FILE}", lm_params_from_hf, hf_state, lm_config)}
+              "lm": matching(f"the weights in {LM_FILE} do not match their xp.cfg", lm_params_from_hf, hf_state,
+                             lm_config)}
     kind = "musicgen_melody" if lm_config.conditioning == "prepend" else "musicgen"
     return checkpoint.save(dst_dir, "musicgen", to_dict(model_config), params, source=f"audiocraft:{kind}",
-                           tokenizer_files=tokenizer_files, overwrite=overwrite)
+                           tokenizer_files=tokenizer, overwrite=overwrite)

@@ -12,6 +12,7 @@ import yaml
 
 from mgjax.config import CodecConfig, ConfigError, LMConfig
 from mgjax.convert.io import ConversionError
+from mgjax.lm.patterns import pattern_from_config
 
 _REQUIRED = object()
 _INTERPOLATION = re.compile(r"\$\{([^${}]+)\}")
@@ -200,7 +201,6 @@ def lm_config_from_audiocraft(cfg: Mapping) -> LMConfig:
                           card=int(cfg_get(cfg, f"{lm}.card")), conditioning=conditioning, layer_norm_eps=1e-5,
                           audio_channels=audio_channels, **_pattern(cfg, n_q, audio_channels), **extra)
         config.validate()
-        from mgjax.lm.patterns import pattern_from_config
         pattern_from_config(config)
     except (ConfigError, ValueError) as err:
         raise ConversionError(f"unsupported audiocraft LM config: {err}") from None

@@ -1,4 +1,5 @@
-"""EnCodec weights from transformers (`encoder.layers.N.conv`) or audiocraft (`encoder.model.N.conv.conv`) keys."""
+"""EnCodec config from transformers, and weights from transformers (`encoder.layers.N.conv`) or audiocraft
+(`encoder.model.N.conv.conv`) keys, back to transformers' keys; both ways through one weight map, `codec_entries`."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +10,8 @@ import numpy as np
 
 from mgjax.codec.seanet import decoder_plan, encoder_plan
 from mgjax.config import CodecConfig
-from mgjax.convert.io import ConversionError, get, weight_normed
+from mgjax.convert.io import ConversionError
+from mgjax.convert.maps import LINEAR, Entry, Layout, tensor, to_params, to_state, weight_normed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,15 +23,15 @@ class CodecKeyStyle:
     convtr: str  # suffix of the transposed conv inside an upsampling layer
     block_conv: str  # suffix of conv j inside a residual block
     shortcut: str
-    codebook: str  # key of codebook q
+    codebook: str  # key of codebook i
 
 
 TRANSFORMERS = CodecKeyStyle(layer="{part}.layers.{i}", conv=".conv", convtr=".conv",
                              block_conv=".block.{j}.conv",
-                             shortcut=".shortcut.conv", codebook="quantizer.layers.{q}.codebook.embed")
+                             shortcut=".shortcut.conv", codebook="quantizer.layers.{i}.codebook.embed")
 AUDIOCRAFT = CodecKeyStyle(layer="{part}.model.{i}", conv=".conv.conv", convtr=".convtr.convtr",
                            block_conv=".block.{j}.conv.conv",
-                           shortcut=".shortcut.conv.conv", codebook="quantizer.vq.layers.{q}._codebook.embed")
+                           shortcut=".shortcut.conv.conv", codebook="quantizer.vq.layers.{i}._codebook.embed")
 
 
 def hf_num_quantizers(bandwidth_kbps: float, frame_rate: int, codebook_size: int) -> int:
@@ -70,47 +72,63 @@ def codec_config_from_hf(cfg: Mapping) -> CodecConfig:
         normalize=False)
 
 
-def _conv(state, key: str, transpose: bool) -> dict:
-    weight = weight_normed(state, key)
-    if transpose:  # torch ConvTranspose1d [in, out, k] -> flipped [k, in, out]
-        kernel = np.transpose(weight, (2, 0, 1))[::-1]
-    else:  # torch Conv1d [out, in, k] -> [k, in, out]
-        kernel = np.transpose(weight, (2, 1, 0))
-    return {"kernel": np.ascontiguousarray(kernel, np.float32), "bias": get(state, f"{key}.bias").astype(np.float32)}
+# torch Conv1d weight [out, in, k] <-> our kernel [k, in, out]; ConvTranspose1d [in, out, k] <-> [k, in, out], the
+# latter flipped in time.
+CONV = weight_normed(lambda w: np.transpose(w, (2, 1, 0)), lambda kernel: np.transpose(kernel, (2, 1, 0)))
+CONV_TRANSPOSE = weight_normed(lambda w: np.transpose(w, (2, 0, 1))[::-1],
+                               lambda kernel: np.transpose(kernel[::-1], (1, 2, 0)))
+def _ih_hh(key: str) -> tuple[str, str]:
+    return key.replace("*", "ih"), key.replace("*", "hh")
 
 
-def _lstm(state, key: str, num_layers: int) -> dict:
-    out = {}
-    for n in range(num_layers):
-        out[f"w_ih_{n}"] = get(state, f"{key}.lstm.weight_ih_l{n}").T.astype(np.float32)
-        out[f"w_hh_{n}"] = get(state, f"{key}.lstm.weight_hh_l{n}").T.astype(np.float32)
-        out[f"bias_{n}"] = (get(state, f"{key}.lstm.bias_ih_l{n}") + get(state, f"{key}.lstm.bias_hh_l{n}")
-                            ).astype(np.float32)
-    return out
+def _codebook_keys(key: str) -> tuple[str, ...]:
+    base = key.removesuffix("embed")
+    return key, base + "inited", base + "cluster_size", base + "embed_avg"
 
 
-def _part(state, cfg: CodecConfig, part: str, plan, style: CodecKeyStyle, prefix: str) -> dict:
-    out = {}
-    for index, kind, kwargs in plan:
-        key = prefix + style.layer.format(part=part, i=index)
-        if kind in ("conv", "convtr"):
-            transpose = kind == "convtr"
-            out[f"layers_{index}"] = _conv(state, key + (style.convtr if transpose else style.conv), transpose)
-        elif kind == "lstm":
-            out[f"layers_{index}"] = _lstm(state, key, kwargs["num_layers"])
-        else:
-            block = {"block_1": _conv(state, key + style.block_conv.format(j=1), False),
-                     "block_3": _conv(state, key + style.block_conv.format(j=3), False)}
-            if not cfg.true_skip:
-                block["shortcut"] = _conv(state, key + style.shortcut, False)
-            out[f"layers_{index}"] = block
-    return out
+# torch LSTM `bias_ih` + `bias_hh` (the key's '*') <-> our one summed bias; written back with bias_hh zero.
+SUMMED_BIAS = Layout(read=lambda state, key, shape: np.add(*(tensor(state, k) for k in _ih_hh(key))),
+                     write=lambda bias: (bias, np.zeros_like(bias)), keys=_ih_hh)
+# A codebook's `embed` <-> ours; written with the EMA buffers transformers keeps, filled as for a trained,
+# initialised codebook (they are unused at inference).
+CODEBOOK = Layout(read=tensor, write=lambda embed: (embed, np.ones(1), np.ones(len(embed)), embed),
+                  keys=_codebook_keys)
+
+
+def _conv(ours: str, theirs: str, layout: Layout = CONV) -> list[Entry]:
+    return [Entry(f"{ours}/kernel", theirs, layout), Entry(f"{ours}/bias", f"{theirs}.bias")]
+
+
+def codec_entries(cfg: CodecConfig, style: CodecKeyStyle = TRANSFORMERS) -> list[Entry]:
+    """The codec's weight map, layer by layer along the SEANet plans (our `layers_{index}` is torch's `{index}`)."""
+    entries = [Entry("quantizer/codebooks", style.codebook, CODEBOOK, stack=cfg.n_q)]
+    for part, plan in (("encoder", encoder_plan(cfg)), ("decoder", decoder_plan(cfg))):
+        for index, kind, kwargs in plan:
+            ours, theirs = f"{part}/layers_{index}", style.layer.format(part=part, i=index)
+            if kind == "conv":
+                entries += _conv(ours, theirs + style.conv)
+            elif kind == "convtr":
+                entries += _conv(ours, theirs + style.convtr, CONV_TRANSPOSE)
+            elif kind == "lstm":
+                for n in range(kwargs["num_layers"]):
+                    entries += [Entry(f"{ours}/w_ih_{n}", f"{theirs}.lstm.weight_ih_l{n}", LINEAR),
+                                Entry(f"{ours}/w_hh_{n}", f"{theirs}.lstm.weight_hh_l{n}", LINEAR),
+                                Entry(f"{ours}/bias_{n}", f"{theirs}.lstm.bias_*_l{n}", SUMMED_BIAS)]
+            else:
+                entries += _conv(f"{ours}/block_1", theirs + style.block_conv.format(j=1))
+                entries += _conv(f"{ours}/block_3", theirs + style.block_conv.format(j=3))
+                if not cfg.true_skip:
+                    entries += _conv(f"{ours}/shortcut", theirs + style.shortcut)
+    return entries
 
 
 def codec_params(state: Mapping[str, np.ndarray], cfg: CodecConfig, style: CodecKeyStyle = TRANSFORMERS,
                  prefix: str = "") -> dict:
     """Flax codec params (`EncodecModel` tree) from a flat PyTorch state dict; `prefix` e.g. 'audio_encoder.'."""
-    codebooks = np.stack([get(state, prefix + style.codebook.format(q=q)) for q in range(cfg.n_q)])
-    return {"encoder": _part(state, cfg, "encoder", encoder_plan(cfg), style, prefix),
-            "decoder": _part(state, cfg, "decoder", decoder_plan(cfg), style, prefix),
-            "quantizer": {"codebooks": codebooks.astype(np.float32)}}
+    return to_params(codec_entries(cfg, style), state, prefix)
+
+
+def codec_state_from_params(params: Mapping, cfg: CodecConfig, prefix: str = "") -> dict[str, np.ndarray]:
+    """Flax codec params (unboxed `EncodecModel` tree) -> a flat transformers `EncodecModel` state dict of float32
+    numpy arrays that loads with `strict=True`; `prefix` e.g. 'audio_encoder.' inside a MusicGen."""
+    return to_state(codec_entries(cfg), params, prefix)

@@ -9,7 +9,7 @@ from mgjax.config import ConfigError, MusicGenConfig
 from mgjax.convert.encodec_weights import codec_config_from_hf, codec_params
 from mgjax.convert.hf_lm import lm_config_from_hf, lm_params_from_hf
 from mgjax.convert.hf_t5 import t5_config_from_hf, t5_params_from_hf
-from mgjax.convert.io import ConversionError
+from mgjax.convert.io import ConversionError, matching
 
 
 def musicgen_config_from_hf(config: Mapping[str, Any]) -> MusicGenConfig:
@@ -37,12 +37,10 @@ def convert_musicgen(config: Mapping[str, Any], state: Mapping[str, np.ndarray])
     """`(MusicGenConfig, {'codec': ..., 'text': ..., 'lm': ...})` from a full transformers MusicGen state dict."""
     model_config = musicgen_config_from_hf(config)
     state = with_identity_text_projection(state, model_config)
-    try:
-        params = {"codec": codec_params(state, model_config.codec, prefix="audio_encoder."),
-                  "text": t5_params_from_hf(state, model_config.text, prefix="text_encoder."),
-                  "lm": lm_params_from_hf(state, model_config.lm)}
-    except ConversionError:
-        raise
-    except (KeyError, ValueError) as err:
-        raise ConversionError(f"the checkpoint does not match its config.json: {err}") from None
-    return model_config, params
+    return model_config, matching("the checkpoint does not match its config.json", _params, state, model_config)
+
+
+def _params(state: Mapping[str, np.ndarray], config: MusicGenConfig) -> dict:
+    return {"codec": codec_params(state, config.codec, prefix="audio_encoder."),
+            "text": t5_params_from_hf(state, config.text, prefix="text_encoder."),
+            "lm": lm_params_from_hf(state, config.lm)}

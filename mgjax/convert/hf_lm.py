@@ -1,18 +1,7 @@
-"""transformers MusicGen / MusicGen-melody decoder -> `LMConfig` and the `MusicGenLM` param tree.
+"""transformers MusicGen / MusicGen-melody decoder <-> `LMConfig` and the `MusicGenLM` param tree.
 
-Key map (full `Musicgen[Melody]ForConditionalGeneration` state dict; torch Linear weights are `[out, in]`):
-
-    decoder.model.decoder.embed_tokens.{k}.weight          [card+1, D]  -> embed/embedding[k]
-    decoder.model.decoder.layers.{n}.self_attn.{q,k,v}_proj.weight  [D, D] -> layers/self_attn/{q,k,v}_proj[n] [D, H, Dh]
-    decoder.model.decoder.layers.{n}.self_attn.out_proj.weight      [D, D] -> layers/self_attn/out_proj[n]  [H, Dh, D]
-    decoder.model.decoder.layers.{n}.encoder_attn.*        (cross only)  -> layers/cross_attn/*
-    decoder.model.decoder.layers.{n}.{self_attn,encoder_attn,final}_layer_norm.{weight,bias}
-                                                           -> layers/{self_attn,cross_attn,ffn}_norm/{scale,bias}[n]
-    decoder.model.decoder.layers.{n}.fc1.weight [F, D], fc2.weight [D, F] -> layers/ffn/fc1[n] [D, F], fc2[n] [F, D]
-    decoder.model.decoder.layer_norm.{weight,bias}         -> final_norm/{scale,bias}
-    decoder.lm_heads.{k}.weight                 [card, D]  -> heads/kernel[k] [D, card]
-    enc_to_dec_proj.{weight,bias}               [D, Dc]    -> enc_to_dec_proj/{kernel [Dc, D], bias}
-    audio_enc_to_dec_proj.{weight,bias}  (melody) [D, C]   -> audio_enc_to_dec_proj/{kernel [C, D], bias}
+The weight map is `lm_entries` (torch Linear weights `[out, in]` become kernels `[in, out]`, attention projections
+split into heads, layers stacked on the leading axis); `lm_params_from_hf` and `lm_state_from_params` both read it.
 """
 from __future__ import annotations
 
@@ -21,11 +10,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from mgjax.config import ConfigError, LMConfig
+from mgjax.convert.maps import LINEAR, Entry, linear, to_params, to_state
 
 DECODER = "decoder.model.decoder."
-LAYER_NORMS = {"self_attn_norm": "self_attn_layer_norm", "cross_attn_norm": "encoder_attn_layer_norm",
-               "ffn_norm": "final_layer_norm"}
-ATTENTIONS = {"self_attn": "self_attn", "cross_attn": "encoder_attn"}
 
 
 def is_melody_config(musicgen_config: Mapping[str, Any]) -> bool:
@@ -67,61 +54,44 @@ def lm_config_from_hf(musicgen_config: Mapping[str, Any]) -> LMConfig:
     return cfg
 
 
-def _get(state_dict: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> np.ndarray:
-    if key not in state_dict:
-        hint = ""
-        if key.startswith("enc_to_dec_proj") or key.startswith("audio_enc_to_dec_proj"):
-            hint = (" (transformers omits this projection when the condition width equals the decoder width;"
-                    " mgjax always has one)")
-        raise KeyError(f"missing key '{key}' in the MusicGen state dict{hint}")
-    value = state_dict[key]
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().float().numpy()
-    value = np.asarray(value, dtype=np.float32)
-    if value.shape != shape:
-        raise ValueError(f"'{key}' has shape {value.shape}, expected {shape} from the LMConfig")
-    return value
+def _layer_norm(ours: str, theirs: str, dim: int, stack: int = 0) -> list[Entry]:
+    return [Entry(f"{ours}/scale", f"{theirs}.weight", shape=(dim,), stack=stack),
+            Entry(f"{ours}/bias", f"{theirs}.bias", shape=(dim,), stack=stack)]
 
 
-def _linear(state_dict, key: str, out_dim: int, in_dim: int) -> np.ndarray:
-    """torch Linear weight `[out, in]` -> kernel `[in, out]`."""
-    return _get(state_dict, key, (out_dim, in_dim)).T
+def _projection(name: str, in_dim: int | None, dim: int) -> list[Entry]:
+    return [Entry(f"{name}/kernel", f"{name}.weight", LINEAR, (in_dim, dim)),
+            Entry(f"{name}/bias", f"{name}.bias", shape=(dim,))]
 
 
-def _layer_params(state_dict, cfg: LMConfig, n: int) -> dict:
-    D, H, Dh, F = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.ffn_dim
-    prefix = f"{DECODER}layers.{n}."
-    out: dict = {}
-    attentions = ATTENTIONS if cfg.conditioning == "cross" else {"self_attn": "self_attn"}
+def lm_entries(cfg: LMConfig, *, text_projection: bool = True) -> list[Entry]:
+    """The decoder's weight map over a full `Musicgen[Melody]ForConditionalGeneration` state dict.
+
+    `text_projection=False` leaves out `enc_to_dec_proj` (transformers has none when the text and decoder widths
+    are equal); its input width is whatever the checkpoint holds.
+    """
+    D, H, Dh, F, L, K = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.ffn_dim, cfg.num_layers, cfg.num_codebooks
+    layer = f"{DECODER}layers.{{i}}."
+    entries = [Entry("embed/embedding", f"{DECODER}embed_tokens.{{i}}.weight", shape=(cfg.card + 1, D), stack=K),
+               Entry("heads/kernel", "decoder.lm_heads.{i}.weight", LINEAR, (D, cfg.card), K),
+               *_layer_norm("final_norm", f"{DECODER}layer_norm", D),
+               *_layer_norm("layers/self_attn_norm", f"{layer}self_attn_layer_norm", D, L),
+               *_layer_norm("layers/ffn_norm", f"{layer}final_layer_norm", D, L),
+               Entry("layers/ffn/fc1", f"{layer}fc1.weight", LINEAR, (D, F), L),
+               Entry("layers/ffn/fc2", f"{layer}fc2.weight", LINEAR, (F, D), L)]
+    attentions = {"self_attn": "self_attn"}
+    if cfg.conditioning == "cross":
+        attentions["cross_attn"] = "encoder_attn"
+        entries += _layer_norm("layers/cross_attn_norm", f"{layer}encoder_attn_layer_norm", D, L)
     for ours, theirs in attentions.items():
-        p = f"{prefix}{theirs}."
-        out[ours] = {f"{x}_proj": _linear(state_dict, f"{p}{x}_proj.weight", D, D).reshape(D, H, Dh)
-                     for x in "qkv"}
-        out[ours]["out_proj"] = _linear(state_dict, f"{p}out_proj.weight", D, D).reshape(H, Dh, D)
-    for ours, theirs in LAYER_NORMS.items():
-        if ours == "cross_attn_norm" and cfg.conditioning != "cross":
-            continue
-        out[ours] = {"scale": _get(state_dict, f"{prefix}{theirs}.weight", (D,)),
-                     "bias": _get(state_dict, f"{prefix}{theirs}.bias", (D,))}
-    out["ffn"] = {"fc1": _linear(state_dict, f"{prefix}fc1.weight", F, D),
-                  "fc2": _linear(state_dict, f"{prefix}fc2.weight", D, F)}
-    return out
-
-
-def _projection(state_dict, name: str, dim: int) -> dict:
-    if f"{name}.weight" not in state_dict:
-        _get(state_dict, f"{name}.weight", ())  # raises, naming the key
-    in_dim = np.shape(state_dict[f"{name}.weight"])[1]
-    return {"kernel": _linear(state_dict, f"{name}.weight", dim, in_dim),
-            "bias": _get(state_dict, f"{name}.bias", (dim,))}
-
-
-def _stack(trees: list[dict]) -> dict:
-    """Per-layer trees -> one tree with the layers on a leading axis."""
-    first = trees[0]
-    if isinstance(first, dict):
-        return {k: _stack([t[k] for t in trees]) for k in first}
-    return np.stack(trees)
+        entries += [Entry(f"layers/{ours}/{x}_proj", f"{layer}{theirs}.{x}_proj.weight", LINEAR, (D, H, Dh), L)
+                    for x in "qkv"]
+        entries.append(Entry(f"layers/{ours}/out_proj", f"{layer}{theirs}.out_proj.weight", linear(2), (H, Dh, D), L))
+    if text_projection:
+        entries += _projection("enc_to_dec_proj", None, D)
+    if cfg.conditioning == "prepend":
+        entries += _projection("audio_enc_to_dec_proj", cfg.num_chroma, D)
+    return entries
 
 
 def lm_params_from_hf(state_dict: Mapping[str, Any], cfg: LMConfig) -> dict:
@@ -130,21 +100,11 @@ def lm_params_from_hf(state_dict: Mapping[str, Any], cfg: LMConfig) -> dict:
     Same structure as `flax.linen.meta.unbox(MusicGenLM(cfg).init(...)['params'])`. A missing key raises a
     `KeyError` naming it; a shape that disagrees with `cfg` raises a `ValueError`.
     """
-    D, K, card = cfg.dim, cfg.num_codebooks, cfg.card
-    params = {
-        "embed": {"embedding": np.stack([_get(state_dict, f"{DECODER}embed_tokens.{k}.weight", (card + 1, D))
-                                         for k in range(K)])},
-        "enc_to_dec_proj": _projection(state_dict, "enc_to_dec_proj", D),
-        "layers": _stack([_layer_params(state_dict, cfg, n) for n in range(cfg.num_layers)]),
-        "final_norm": {"scale": _get(state_dict, f"{DECODER}layer_norm.weight", (D,)),
-                       "bias": _get(state_dict, f"{DECODER}layer_norm.bias", (D,))},
-        "heads": {"kernel": np.stack([_linear(state_dict, f"decoder.lm_heads.{k}.weight", card, D)
-                                      for k in range(K)])},
-    }
-    if cfg.conditioning == "prepend":
-        proj = _projection(state_dict, "audio_enc_to_dec_proj", D)
-        if proj["kernel"].shape[0] != cfg.num_chroma:
-            raise ValueError(f"audio_enc_to_dec_proj takes {proj['kernel'].shape[0]} chroma bins, "
-                             f"LMConfig.num_chroma={cfg.num_chroma}")
-        params["audio_enc_to_dec_proj"] = proj
-    return params
+    return to_params(lm_entries(cfg), state_dict)
+
+
+def lm_state_from_params(params: Mapping[str, Any], cfg: LMConfig, *, with_text_projection: bool = True
+                         ) -> dict[str, np.ndarray]:
+    """`MusicGenLM(cfg)` params -> the decoder part of a transformers MusicGen state dict (the inverse of
+    `lm_params_from_hf`). `with_text_projection=False` leaves out `enc_to_dec_proj` (equal widths)."""
+    return to_state(lm_entries(cfg, text_projection=with_text_projection), params)

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from mgjax.config import ConfigError, T5Config, dataclass_from_dict
+from mgjax.convert.maps import LINEAR, Entry, linear, tied, to_params, to_state
 
 # transformers' T5Config defaults: a config.json may omit any key that equals them.
 _HF_DEFAULTS = {
@@ -50,72 +51,42 @@ def t5_config_from_hf(cfg: Mapping[str, Any]) -> T5Config:
     return config
 
 
-def _get(state_dict: Mapping[str, Any], *keys: str) -> np.ndarray:
-    """The first of `keys` present in `state_dict`, as float32 numpy; KeyError naming them otherwise."""
-    for key in keys:
-        if key in state_dict:
-            value = state_dict[key]
-            if hasattr(value, "detach"):  # a torch tensor
-                value = value.detach().float().cpu().numpy()
-            return np.asarray(value, dtype=np.float32)
-    raise KeyError(f"T5 weight {' or '.join(repr(k) for k in keys)} missing from the state dict")
-
-
-def _layer_params(state_dict: Mapping[str, Any], cfg: T5Config, block: str) -> dict:
-    """One `encoder.block.N.` sub-tree -> the unstacked params of one `T5Layer`."""
-    heads, d_kv, d_model = cfg.num_heads, cfg.d_kv, cfg.d_model
-    attn = f"{block}layer.0.SelfAttention."
-    ff = f"{block}layer.1.DenseReluDense."
-
-    def in_proj(name):  # [H*K, D] -> [D, H, K]
-        return _get(state_dict, attn + name + ".weight").T.reshape(d_model, heads, d_kv)
-
-    def dense(name):  # [out, in] -> [in, out]
-        return _get(state_dict, ff + name + ".weight").T
-
-    if cfg.feed_forward_proj == "relu":
-        mlp = {"wi": dense("wi")}
-    else:
-        mlp = {"wi_0": dense("wi_0"), "wi_1": dense("wi_1")}
-    mlp["wo"] = dense("wo")
-    return {
-        "attention_norm": {"scale": _get(state_dict, f"{block}layer.0.layer_norm.weight")},
-        "attention": {
-            "query": in_proj("q"), "key": in_proj("k"), "value": in_proj("v"),
-            "out": _get(state_dict, attn + "o.weight").T.reshape(heads, d_kv, d_model),
-        },
-        "mlp_norm": {"scale": _get(state_dict, f"{block}layer.1.layer_norm.weight")},
-        "mlp": mlp,
-    }
-
-
-def _stack(trees: list[dict]) -> dict:
-    """A list of identically structured nested dicts of arrays -> one dict of arrays with a leading axis."""
-    first = trees[0]
-    if isinstance(first, dict):
-        return {key: _stack([tree[key] for tree in trees]) for key in first}
-    return np.stack(trees, axis=0)
+def t5_entries(cfg: T5Config) -> list[Entry]:
+    """The encoder's weight map over a `T5EncoderModel` state dict. The embedding is read from `shared.weight` or,
+    if that tied copy was dropped on save, `encoder.embed_tokens.weight`, and written to both (as
+    `T5EncoderModel.state_dict()` lists both); the relative attention bias `[R, H]`, shared by all layers, is
+    block 0's."""
+    D, H, K, F, N = cfg.d_model, cfg.num_heads, cfg.d_kv, cfg.d_ff, cfg.num_layers
+    attn, ff = "encoder.block.{i}.layer.0.SelfAttention.", "encoder.block.{i}.layer.1.DenseReluDense."
+    up = ("wi",) if cfg.feed_forward_proj == "relu" else ("wi_0", "wi_1")
+    return [Entry("embedding", "shared.weight", tied("shared.weight", "encoder.embed_tokens.weight"),
+                  (cfg.vocab_size, D)),
+            Entry("relative_attention_bias", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                  shape=(cfg.relative_attention_num_buckets, H)),
+            Entry("final_norm/scale", "encoder.final_layer_norm.weight", shape=(D,)),
+            Entry("layers/attention_norm/scale", "encoder.block.{i}.layer.0.layer_norm.weight", shape=(D,), stack=N),
+            *(Entry(f"layers/attention/{ours}", f"{attn}{theirs}.weight", LINEAR, (D, H, K), N)
+              for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v"))),
+            Entry("layers/attention/out", f"{attn}o.weight", linear(2), (H, K, D), N),
+            Entry("layers/mlp_norm/scale", "encoder.block.{i}.layer.1.layer_norm.weight", shape=(D,), stack=N),
+            *(Entry(f"layers/mlp/{name}", f"{ff}{name}.weight", LINEAR, (D, F), N) for name in up),
+            Entry("layers/mlp/wo", f"{ff}wo.weight", LINEAR, (F, D), N)]
 
 
 def t5_params_from_hf(state_dict: Mapping[str, Any], cfg: T5Config, prefix: str = "") -> dict:
     """transformers `T5EncoderModel` weights -> the `T5Encoder` param tree (nested dicts of float32 numpy).
 
     `state_dict` maps names to numpy arrays (or torch tensors); `prefix` selects a sub-tree, e.g. `"text_encoder."`
-    in a MusicGen checkpoint. The token embedding is read from `shared.weight` or, if that tied copy was dropped on
-    save, `encoder.embed_tokens.weight`.
+    in a MusicGen checkpoint.
     """
-    p = prefix
-    embedding = _get(state_dict, p + "shared.weight", p + "encoder.embed_tokens.weight")
-    if embedding.shape != (cfg.vocab_size, cfg.d_model):
-        raise ValueError(f"T5 embedding has shape {embedding.shape}, config expects {(cfg.vocab_size, cfg.d_model)}")
-    params = {
-        "embedding": embedding,
-        "relative_attention_bias": _get(state_dict, p + "encoder.block.0.layer.0.SelfAttention."
-                                        "relative_attention_bias.weight"),
-        "layers": _stack([_layer_params(state_dict, cfg, f"{p}encoder.block.{i}.") for i in range(cfg.num_layers)]),
-        "final_norm": {"scale": _get(state_dict, p + "encoder.final_layer_norm.weight")},
-    }
-    extra = f"{p}encoder.block.{cfg.num_layers}.layer.0.layer_norm.weight"
+    extra = f"{prefix}encoder.block.{cfg.num_layers}.layer.0.layer_norm.weight"
     if extra in state_dict:
         raise ValueError(f"state dict has more T5 blocks than config.num_layers={cfg.num_layers} (found {extra!r})")
-    return params
+    return to_params(t5_entries(cfg), state_dict, prefix)
+
+
+def t5_state_from_params(params: Mapping[str, Any], cfg: T5Config, prefix: str = "") -> dict[str, np.ndarray]:
+    """The `T5Encoder` param tree -> a flat transformers `T5EncoderModel` state dict (contiguous float32 numpy),
+    keys prefixed with `prefix` (e.g. `"text_encoder."` inside a MusicGen checkpoint)."""
+    cfg.validate()
+    return to_state(t5_entries(cfg), params, prefix)

@@ -1,17 +1,73 @@
-"""Reading PyTorch checkpoints into `{key: float32 numpy array}` and folding weight norm."""
+"""Reading source directories: format detection, hub caches, config.json, tokenizer files, and PyTorch weights
+into `{key: float32 numpy array}`."""
 from __future__ import annotations
 
 import json
 import os
 import pickle
 import re
-from typing import Mapping
+from typing import Any, Callable
 
 import numpy as np
+from safetensors.numpy import load_file
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
+                   "added_tokens.json", "vocab.json", "merges.txt")
 
 
 class ConversionError(ValueError):
     """A source directory that cannot be converted: not a checkpoint, an unsupported config, a missing key."""
+
+
+def matching(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)`, where a `KeyError` / `ValueError` (a weight missing or of the wrong shape) becomes a
+    `ConversionError` saying `what: the cause`."""
+    try:
+        return fn(*args)
+    except ConversionError:
+        raise
+    except (KeyError, ValueError) as err:
+        raise ConversionError(f"{what}: {err.args[0] if err.args else err}") from None
+
+
+def resolve_hub_cache(src_dir: str) -> str:
+    """A Hugging Face hub cache folder (`models--facebook--musicgen-small`, as `huggingface_hub` downloads into)
+    -> its one snapshot directory; any other directory as it is. Several snapshots: an error listing them."""
+    snapshots = os.path.join(src_dir, "snapshots")
+    if not os.path.isdir(snapshots) or os.path.exists(os.path.join(src_dir, "config.json")):
+        return src_dir
+    revisions = sorted(name for name in os.listdir(snapshots) if os.path.isdir(os.path.join(snapshots, name)))
+    if len(revisions) == 1:
+        return os.path.join(snapshots, revisions[0])
+    example = os.path.join(snapshots, revisions[0]) if revisions else snapshots
+    raise ConversionError(f"{src_dir} is a hub cache with {len(revisions)} snapshots "
+                          f"({', '.join(revisions) or 'none'}); pass one of them, e.g. {example}")
+
+
+def detect_format(src_dir: str) -> str:
+    """'transformers' or 'audiocraft', or a `ConversionError` saying what the directory lacks."""
+    if not os.path.isdir(src_dir):
+        raise ConversionError(f"source {src_dir} is not a directory; pass the folder holding the checkpoint")
+    names = set(os.listdir(src_dir))
+    if "config.json" in names:
+        return "transformers"
+    if "state_dict.bin" in names or "compression_state_dict.bin" in names:
+        return "audiocraft"
+    raise ConversionError(f"{src_dir} is neither a transformers checkpoint (config.json + *.safetensors) nor an "
+                          f"audiocraft one (state_dict.bin + compression_state_dict.bin)")
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConversionError(f"cannot read {path} ({err}); the checkpoint is corrupt") from None
+
+
+def tokenizer_files(directory: str) -> dict[str, str]:
+    """`{name: path}` of the tokenizer files (`TOKENIZER_FILES`) that `directory` holds."""
+    return {n: os.path.join(directory, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(directory, n))}
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -61,8 +117,6 @@ def refused_global(message: str) -> str:
 
 def load_transformers_state_dict(directory: str) -> dict[str, np.ndarray]:
     """All tensors of a transformers `save_pretrained` directory (safetensors, sharded or not, or pytorch .bin)."""
-    from safetensors.numpy import load_file
-
     names = sorted(os.listdir(directory))
     # safetensors first: it holds only arrays, while a .bin is a pickle (read weights-only, but still a pickle)
     index = ([n for n in names if n.endswith(".safetensors.index.json")] or
@@ -98,29 +152,3 @@ def _as_float32(array: np.ndarray) -> np.ndarray:
     if array.dtype.kind == "V" or str(array.dtype) == "bfloat16":
         return array.astype(np.float32)
     return array
-
-
-def get(state: Mapping[str, np.ndarray], key: str) -> np.ndarray:
-    """`state[key]` or a `ConversionError` naming the missing key."""
-    try:
-        return state[key]
-    except KeyError:
-        raise ConversionError(f"missing weight '{key}' in the source checkpoint; it does not match its config "
-                              f"or is not a supported checkpoint") from None
-
-
-def weight_normed(state: Mapping[str, np.ndarray], prefix: str, norm_axis: int = 0) -> np.ndarray:
-    """The effective weight of a (possibly weight-normed) layer `prefix` (`prefix.weight` etc.), norm folded in.
-
-    Weight norm stores g and v as `parametrizations.weight.original0/1` (transformers 5.x) or `weight_g/weight_v`
-    (released checkpoints); w = g * v / ||v||, the norm taken over every axis but `norm_axis`.
-    """
-    candidates = [(f"{prefix}.parametrizations.weight.original0", f"{prefix}.parametrizations.weight.original1"),
-                  (f"{prefix}.weight_g", f"{prefix}.weight_v")]
-    for g_key, v_key in candidates:
-        if g_key in state and v_key in state:
-            g, v = state[g_key].astype(np.float64), state[v_key].astype(np.float64)
-            axes = tuple(a for a in range(v.ndim) if a != norm_axis)
-            norm = np.sqrt(np.sum(v ** 2, axis=axes, keepdims=True))
-            return (g * v / norm).astype(np.float32)
-    return get(state, f"{prefix}.weight")

@@ -4,10 +4,10 @@
 
 writes `config.json`, `generation_config.json`, `model.safetensors` and the tokenizer files, which
 `MusicgenForConditionalGeneration` / `MusicgenMelodyForConditionalGeneration.from_pretrained` load (and which
-`python -m mgjax.convert` reads back to the same params). The key map is `hf_lm.py`'s, inverted; the text encoder
-and the codec go through `export_t5.py` and `export_encodec.py`. Only what transformers can express is exported:
-the delay pattern with its default delays, transformers' LayerNorm epsilon, and an identity text projection when
-the text and decoder widths are equal (transformers has no projection then).
+`python -m mgjax.convert` reads back to the same params). The weights go back through the weight maps that read
+them (`hf_lm.lm_entries`, `hf_t5.t5_entries`, `encodec_weights.codec_entries`). Only what transformers can express
+is exported: the delay pattern with its default delays, transformers' LayerNorm epsilon, and an identity text
+projection when the text and decoder widths are equal (transformers has no projection then).
 """
 from __future__ import annotations
 
@@ -18,15 +18,17 @@ import sys
 import tempfile
 from typing import Any, Mapping
 
-import jax
 import numpy as np
+from safetensors.numpy import save_file
 
+import mgjax
 from mgjax import checkpoint
-from mgjax.config import LMConfig, MusicGenConfig
+from mgjax.config import MusicGenConfig
 from mgjax.convert.export_encodec import codec_config_to_hf, codec_state_from_params
 from mgjax.convert.export_t5 import t5_config_to_hf, t5_state_from_params
-from mgjax.convert.hf_lm import ATTENTIONS, DECODER, LAYER_NORMS
+from mgjax.convert.hf_lm import lm_state_from_params
 from mgjax.convert.io import ConversionError
+from mgjax.lm.patterns import pattern_from_config
 
 # transformers' MusicGen decoder defaults for what mgjax does not model (dropout only matters to torch training).
 DECODER_DEFAULTS = dict(max_position_embeddings=2048, dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,
@@ -34,58 +36,9 @@ DECODER_DEFAULTS = dict(max_position_embeddings=2048, dropout=0.1, attention_dro
                         tie_word_embeddings=False)
 
 
-def _torch_linear(kernel: np.ndarray) -> np.ndarray:
-    """kernel `[in, out]` -> torch Linear weight `[out, in]`."""
-    return np.ascontiguousarray(np.asarray(kernel, np.float32).T)
-
-
-def _layer_state(layer: Mapping[str, Any], cfg: LMConfig, n: int) -> dict[str, np.ndarray]:
-    """One decoder layer's params (slices of the stacked tree) -> its transformers keys."""
-    D = cfg.dim
-    prefix = f"{DECODER}layers.{n}."
-    state = {}
-    attentions = ATTENTIONS if cfg.conditioning == "cross" else {"self_attn": "self_attn"}
-    for ours, theirs in attentions.items():
-        for x in "qkv":
-            state[f"{prefix}{theirs}.{x}_proj.weight"] = _torch_linear(np.reshape(layer[ours][f"{x}_proj"], (D, D)))
-        state[f"{prefix}{theirs}.out_proj.weight"] = _torch_linear(np.reshape(layer[ours]["out_proj"], (D, D)))
-    for ours, theirs in LAYER_NORMS.items():
-        if ours == "cross_attn_norm" and cfg.conditioning != "cross":
-            continue
-        state[f"{prefix}{theirs}.weight"] = np.asarray(layer[ours]["scale"], np.float32)
-        state[f"{prefix}{theirs}.bias"] = np.asarray(layer[ours]["bias"], np.float32)
-    state[f"{prefix}fc1.weight"] = _torch_linear(layer["ffn"]["fc1"])
-    state[f"{prefix}fc2.weight"] = _torch_linear(layer["ffn"]["fc2"])
-    return state
-
-
-def lm_state_from_params(params: Mapping[str, Any], cfg: LMConfig, *, with_text_projection: bool = True
-                         ) -> dict[str, np.ndarray]:
-    """`MusicGenLM(cfg)` params -> the decoder part of a transformers MusicGen state dict (the inverse of
-    `hf_lm.lm_params_from_hf`). `with_text_projection=False` leaves out `enc_to_dec_proj` (equal widths)."""
-    params = jax.tree.map(np.asarray, params)  # to the host once, not once per layer
-    state = {f"{DECODER}embed_tokens.{k}.weight": params["embed"]["embedding"][k] for k in range(cfg.num_codebooks)}
-    for n in range(cfg.num_layers):
-        layer = jax.tree.map(lambda stacked: stacked[n], params["layers"])
-        state.update(_layer_state(layer, cfg, n))
-    state[f"{DECODER}layer_norm.weight"] = params["final_norm"]["scale"]
-    state[f"{DECODER}layer_norm.bias"] = params["final_norm"]["bias"]
-    for k in range(cfg.num_codebooks):
-        state[f"decoder.lm_heads.{k}.weight"] = _torch_linear(params["heads"]["kernel"][k])
-    if with_text_projection:
-        state["enc_to_dec_proj.weight"] = _torch_linear(params["enc_to_dec_proj"]["kernel"])
-        state["enc_to_dec_proj.bias"] = params["enc_to_dec_proj"]["bias"]
-    if cfg.conditioning == "prepend":
-        state["audio_enc_to_dec_proj.weight"] = _torch_linear(params["audio_enc_to_dec_proj"]["kernel"])
-        state["audio_enc_to_dec_proj.bias"] = params["audio_enc_to_dec_proj"]["bias"]
-    return {key: np.ascontiguousarray(value, np.float32) for key, value in state.items()}
-
-
 def check_exportable(config: MusicGenConfig, lm_params: Mapping[str, Any]) -> None:
     """Refuses, by name, what a transformers MusicGen cannot hold."""
     lm = config.lm
-    from mgjax.lm.patterns import pattern_from_config
-
     default_delays = tuple(k // lm.audio_channels for k in range(lm.num_codebooks))
     if lm.pattern != "delay" or pattern_from_config(lm).delays != default_delays:
         raise ConversionError(f"transformers MusicGen only knows the delay pattern with delays {default_delays}; "
@@ -142,10 +95,6 @@ def musicgen_state_from_params(config: MusicGenConfig, params: Mapping[str, Any]
 def export_transformers(ckpt_dir: str, dst_dir: str, *, overwrite: bool = False) -> str:
     """Writes the mgjax MusicGen checkpoint `ckpt_dir` as a transformers directory `dst_dir` (through a temporary
     directory renamed at the end, so a failure leaves nothing behind); returns its absolute path."""
-    from safetensors.numpy import save_file
-
-    import mgjax
-
     dst_dir = os.path.abspath(dst_dir)
     if os.path.exists(dst_dir) and not overwrite:
         raise ConversionError(f"{dst_dir} already exists; choose another output or pass overwrite=True (--overwrite)")

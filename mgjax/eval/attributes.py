@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mgjax.audio import match_channels
 from mgjax.synth import ATTRIBUTE_VALUES, KEYS, TEMPO_RANGES, TONICS, tempo_bucket
 
 # Krumhansl-Kessler probe-tone ratings, tonic first (Krumhansl 1990).
@@ -42,9 +43,9 @@ NOTE_RANGE = (36, 100)  # MIDI candidates of the salience (65 Hz .. 2.6 kHz; the
 # ----------------------------------------------------------------------------------------------- spectra
 
 def mono(wav: np.ndarray) -> np.ndarray:
-    """`[N]` float64 from `[N]` or `[C, N]`."""
+    """`[N]` float64 from `[N]` or `[C, N]` (channels averaged by `mgjax.audio.match_channels`, as everywhere)."""
     wav = np.asarray(wav, np.float64)
-    return wav.mean(axis=0) if wav.ndim == 2 else wav
+    return match_channels(wav, 1)[0] if wav.ndim == 2 else wav
 
 
 def stft_magnitude(wav_N: np.ndarray, n_fft: int, hop: int) -> np.ndarray:

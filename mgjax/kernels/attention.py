@@ -1,7 +1,7 @@
 """Multi-head attention behind one function, its implementation picked by backend (or named in config).
 
 Shapes: B batch, T queries, S keys, H heads, Dh head width. Every implementation computes what the dense one does
-(`mgjax.lm.transformer.dot_product_attention`): scores `q.k * Dh**-0.5` in float32, masked with float32's min,
+(`dense_attention`, also the core of cached decoding): scores `q.k * Dh**-0.5` in float32, masked with float32's min,
 softmax in float32, probabilities cast to v's dtype, times v. A query with no allowed key (e.g. the all-False
 `kv_mask` of CFG's null condition) gets uniform weights there, i.e. the mean of v over all S keys; the kernels
 would give something else for such rows (splash: the mean over the keys of the blocks it visits; cuDNN: its own),
@@ -95,14 +95,17 @@ def per_shard(kernel, q: Array, k: Array, v: Array, kv_mask: Array | None) -> Ar
 
 
 def dense_attention(q: Array, k: Array, v: Array, *, causal: bool = False, kv_mask: Array | None = None,
-                    q_offset: int | Array = 0) -> Array:
-    """The reference: shapes and masks as `attention`; the `[B, H, T, S]` scores are materialised."""
-    mask = allowed_mask(q.shape[1], k.shape[1], causal=causal, kv_mask=kv_mask, q_offset=q_offset)
-    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+                    q_offset: int | Array = 0, kv_heads_first: bool = False) -> Array:
+    """The reference: shapes and masks as `attention` (q_offset may be traced); the `[B, H, T, S]` scores are
+    materialised. `kv_heads_first`: k, v come as `[B, H, S, Dh]` (a per-layer KV cache's layout)."""
+    kv = "bhsd" if kv_heads_first else "bshd"
+    key_length = k.shape[2] if kv_heads_first else k.shape[1]
+    mask = allowed_mask(q.shape[1], key_length, causal=causal, kv_mask=kv_mask, q_offset=q_offset)
+    scores = jnp.einsum(f"bthd,{kv}->bhts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     if mask is not None:
         scores = jnp.where(mask, scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+    return jnp.einsum(f"bhts,{kv}->bthd", probs.astype(v.dtype), v)
 
 
 def allowed_mask(length: int, key_length: int, *, causal: bool, kv_mask: Array | None,

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mgjax.lm.kv_cache import split_by_layer
+
 Array = jax.Array
 
 
@@ -140,9 +142,9 @@ def heads_as_one_matmul(x: Array, kernel: Array) -> Array:
 
 # --- decoding on per-layer weights --------------------------------------------------------------------------------
 def split_for_decoding(stacked_layers: dict, cache: dict[str, Array]) -> tuple[tuple[dict, ...], dict[str, Array]]:
-    """The scanned layers' params `{...: [L, ...]}` and a cache from `prefill` -> (L per-layer param trees, the cache
-    with 'k', 'v' as L arrays `[B, H, S, Dh]` and 'cross_k', 'cross_v' as L arrays `[B, Lc, H, Dh]`), for
-    `MusicGenLM.decode_step(..., layer_params)`.
+    """The scanned layers' params `{...: [L, ...]}` and a stacked cache from `prefill` -> (L per-layer param trees,
+    the cache in the per-layer layout of `mgjax.lm.kv_cache`: 'k', 'v' as L arrays `[B, H, S, Dh]`, 'cross_k',
+    'cross_v' as L arrays `[B, Lc, H, Dh]`), for `MusicGenLM.decode_step(..., layer_params)`.
 
     Why: a decoding step reads every weight once, so how fast it reads them is how fast it runs. Scanning over the
     stacked params makes XLA:CPU copy each layer's weights (and its cache) out of the stack before using them,
@@ -153,10 +155,13 @@ def split_for_decoding(stacked_layers: dict, cache: dict[str, Array]) -> tuple[t
     intermediates in float32 once the layers are unrolled; with `--xla_allow_excess_precision=false` they agree)."""
     num_layers = cache["k"].shape[0]
     layer_params = tuple(jax.tree.map(lambda leaf: leaf[i], stacked_layers) for i in range(num_layers))
-    per_layer = {name: tuple(cache[name][i] for i in range(num_layers))
-                 for name in ("k", "v", "cross_k", "cross_v") if name in cache}
-    cache = dict(cache, **per_layer)
-    return layer_params, cache
+    return layer_params, split_by_layer(cache, _num_heads(stacked_layers))
+
+
+def _num_heads(stacked_layers: dict) -> int:
+    """H of the stacked self-attention's query projection: `[L, D, H, Dh]`, or int8 with its scale `[L, H, Dh]`."""
+    attn = stacked_layers["self_attn"]
+    return attn["q_proj_scale"].shape[1] if "q_proj_scale" in attn else attn["q_proj"].shape[2]
 
 
 # apply_layer(params, x [B, T, D], {'k','v': [B, H, S, Dh]}, cross {'k','v': [B, Lc, H, Dh]} or None) -> (x, kv)

@@ -5,8 +5,12 @@ Entry points (all through `MusicGenLM(config).apply(params, ..., method=...)`):
     logits = lm(codes, cond, cond_mask, chroma=None)              # teacher-forced, [B, K, S, card] float32
     conds = lm.encode_conditions(cond, cond_mask, chroma=None)    # {'states': [B, Lc, D], 'mask': [B, Lc] bool}
     logits = lm.forward(codes, conds)                             # teacher-forced from encoded conditions
-    cache = lm.prefill(cond, cond_mask, chroma=None, max_length=S)  # = init_cache(encode_conditions(...), S)
-    logits, cache = lm.decode_step(codes, cache)                  # codes [B, K, T] (T=1 per step) at cache['index']
+    cache = lm.prefill(cond, cond_mask, chroma=None, max_length=S, codes=None)   # prefill mode: conditions
+                                                                  # (and the prompt's columns) into an empty cache
+    logits, cache = lm.decode_step(codes, cache)                  # decode mode: codes [B, K, T] (T=1 per step)
+                                                                  # at cache['index']
+
+The three modes (train, prefill, decode) are the layers' three methods (`mgjax.lm.transformer`).
 
 Conditioning: 'cross' attends to `conds['states']` in every layer (key padding masked by `conds['mask']`, as
 transformers does); 'prepend' (melody) puts `conds['states']` = concat(projected chroma, projected text) before
@@ -14,14 +18,9 @@ the code embeddings and drops the prefix logits. In both, the projected text is 
 (after the projection, bias included). A CFG sampler builds its null condition by zeroing `conds` (zero states,
 zero mask), the same as transformers' generate.
 
-KV cache (an explicit pytree, float in the compute dtype):
-    {'index': int32 [] (next write position), 'k', 'v': [L, B, H, P + max_length, Dh],
-     'cross_k', 'cross_v': [L, B, Lc, H, Dh] and 'cross_mask': [B, Lc] (cross only)}
-where P is the prefix length (0 for cross). Positions are cache positions: the code column t sits at P + t.
-`CACHE_AXES` names the logical axes of each entry (`mgjax.sharding.LOGICAL_RULES` maps them: batch over
-data/fsdp, heads over tensor), and `init_cache` constrains the cache to them.
-`kernels.cpu.split_for_decoding` gives the same cache with each of 'k', 'v', 'cross_k', 'cross_v' as a tuple of L
-per-layer arrays, for `decode_step(codes, cache, layer_params)` (what the CPU sampler runs).
+KV cache: `mgjax.lm.kv_cache` documents the structure (stacked `[L, B, S, H*Dh]` self-attention keys/values,
+the cross-attention's, the write index), its logical axes (`CACHE_AXES`) and the CPU's per-layer layout
+(`kernels.cpu.split_for_decoding`, for `decode_step(codes, cache, layer_params)`).
 
 The projections, feed-forward, heads and that decoding layout come in two formulations, chosen by `lm.kernels`
 (`mgjax.kernels.select`): the plain einsums, or the CPU's.
@@ -38,22 +37,11 @@ from flax import linen as nn
 from mgjax.config import LMConfig
 from mgjax.kernels.cpu import decode_layers_one_by_one
 from mgjax.kernels.select import kernels_for
-from mgjax.sharding import constrain
+from mgjax.lm import kv_cache as kvs
 from mgjax.lm.transformer import (DecoderLayer, LayerNorm, default_init, param_with_axes, project, quantize_weight,
                                   scanned_layers, sinusoidal_positions)
 
 Array = jax.Array
-
-# Logical axes of the KV cache's entries (see the module docstring for the layout).
-CACHE_AXES = {
-    "index": (),
-    "k": ("cache_layers", "cache_batch", "cache_heads", "cache_length", "cache_kv"),
-    "v": ("cache_layers", "cache_batch", "cache_heads", "cache_length", "cache_kv"),
-    "cross_k": ("cache_layers", "cache_batch", "cache_length", "cache_heads", "cache_kv"),
-    "cross_v": ("cache_layers", "cache_batch", "cache_length", "cache_heads", "cache_kv"),
-    "cross_mask": ("cache_batch", "cache_length"),
-}
-
 
 class CodebookEmbed(nn.Module):
     """Sum of K embeddings, one table of `card + 1` rows per codebook (row `card` = special token)."""
@@ -181,46 +169,54 @@ class MusicGenLM(nn.Module):
             x = jnp.concatenate([states + sinusoidal_positions(position_offset + jnp.arange(prefix),
                                                                self.config.dim).astype(states.dtype),
                                  self.embed_codes(codes, position_offset + prefix + jnp.arange(seq))], axis=1)
-            x = self.run_layers(x, None, None, None)
+            x = self.run_layers(x, None, None)
             return self.logits(x[:, prefix:])
         x = self.embed_codes(codes, position_offset + jnp.arange(seq))
-        x = self.run_layers(x, conds["states"], conds["mask"], None)
+        x = self.run_layers(x, conds["states"], conds["mask"])
         return self.logits(x)
 
-    def run_layers(self, x: Array, cond: Array | None, cond_mask: Array | None, index: Array | None) -> Array:
-        """The layer stack without a cache (teacher-forced): `[B, T, D]` -> `[B, T, D]`."""
-        (x, _, _), _ = self.layers((x, None, jnp.zeros((), jnp.int32)), cond, cond_mask, None, index)
+    def run_layers(self, x: Array, cond: Array | None, cond_mask: Array | None) -> Array:
+        """The layer stack in train mode (teacher-forced, no cache): `[B, T, D]` -> `[B, T, D]`."""
+        x, _ = self.layers(x, cond, cond_mask)
         return x
 
-    def init_cache(self, conds: dict[str, Array], max_length: int) -> dict[str, Array]:
-        """An empty cache for `max_length` code columns; cross K/V computed once; a prepend prefix already run."""
+    def init_cache(self, conds: dict[str, Array], max_length: int, codes: Array | None = None) -> dict[str, Array]:
+        """A cache for `max_length` code columns after the conditions (cross K/V computed once; a prepend prefix
+        run in prefill mode) and `codes` `[B, K, T]` (the prompt's first T columns, or None), also prefilled."""
         c = self.config
         dtype = jnp.dtype(c.compute_dtype)
         states = conds["states"].astype(dtype)
         batch, prefix = states.shape[0], (states.shape[1] if self.prepend else 0)
-        shape = (c.num_layers, batch, c.num_heads, prefix + max_length, c.head_dim)
-        empty = constrain(jnp.zeros(shape, dtype), CACHE_AXES["k"])
-        cache = {"index": jnp.zeros((), jnp.int32), "k": empty, "v": empty}
+        cache = dict(kvs.empty_self_attention(c.num_layers, batch, prefix + max_length, c.num_heads, c.head_dim,
+                                              dtype), index=jnp.zeros((), jnp.int32))
+        cross, cross_mask = None, None
         if not self.prepend:
             _, cross = self.layers.cross_key_value(states)
-            cross = {name: constrain(value, CACHE_AXES["cross_k"]) for name, value in cross.items()}
-            return dict(cache, cross_k=cross["k"], cross_v=cross["v"], cross_mask=conds["mask"].astype(bool))
-        x = states + sinusoidal_positions(jnp.arange(prefix), c.dim).astype(dtype)
-        (_, kv, _), _ = self.layers((x, {"k": cache["k"], "v": cache["v"]}, jnp.zeros((), jnp.int32)),
-                                    None, None, None, cache["index"])
-        return dict(cache, index=jnp.asarray(prefix, jnp.int32), **kv)
+            cross, cross_mask = kvs.constrain_cross(cross), conds["mask"].astype(bool)
+            cache.update(cross_k=cross["k"], cross_v=cross["v"], cross_mask=cross_mask)
+        parts = []
+        if self.prepend:
+            parts.append(states + sinusoidal_positions(jnp.arange(prefix), c.dim).astype(dtype))
+        if codes is not None and codes.shape[-1]:
+            parts.append(self.embed_codes(codes, prefix + jnp.arange(codes.shape[-1])))
+        if not parts:
+            return cache
+        x = jnp.concatenate(parts, axis=1)
+        (_, kv, _), _ = self.layers.prefill((x, {"k": cache["k"], "v": cache["v"]}, jnp.zeros((), jnp.int32)),
+                                            cross, cross_mask)
+        return dict(cache, index=jnp.asarray(x.shape[1], jnp.int32), **kv)
 
     def prefill(self, cond: Array | None, cond_mask: Array | None, *, chroma: Array | None = None,
-                max_length: int) -> dict[str, Array]:
-        """`init_cache(encode_conditions(cond, cond_mask, chroma=chroma), max_length)`."""
-        return self.init_cache(self.encode_conditions(cond, cond_mask, chroma=chroma), max_length)
+                max_length: int, codes: Array | None = None) -> dict[str, Array]:
+        """`init_cache(encode_conditions(cond, cond_mask, chroma=chroma), max_length, codes)`."""
+        return self.init_cache(self.encode_conditions(cond, cond_mask, chroma=chroma), max_length, codes)
 
     def decode_step(self, codes: Array, cache: dict[str, Array],
                     layer_params: tuple[dict, ...] | None = None) -> tuple[Array, dict[str, Array]]:
-        """codes `[B, K, T]` (T = 1 for one step; more to feed a prompt) at cache['index']
+        """Decode mode: codes `[B, K, T]` (T = 1 for one step) at cache['index']
         -> (logits `[B, K, T, card]` float32, cache with the new K/V and index + T).
 
-        With `layer_params` (and a cache in the same split layout, both from `kernels.cpu.split_for_decoding`) the
+        With `layer_params` (and a cache in the per-layer layout, both from `kernels.cpu.split_for_decoding`) the
         layers run one after another, each on buffers of its own, instead of as a scan over the stacked params and
         cache."""
         index = cache["index"]
@@ -230,7 +226,7 @@ class MusicGenLM(nn.Module):
         mask = None if self.prepend else cache["cross_mask"]
         kv = {"k": cache["k"], "v": cache["v"]}
         if layer_params is None:
-            (x, kv, _), _ = self.layers((x, kv, jnp.zeros((), jnp.int32)), None, mask, cross, index)
+            (x, kv, _), _ = self.layers.decode((x, kv, jnp.zeros((), jnp.int32)), cross, mask, index)
         else:
             x, kv = decode_layers_one_by_one(_layer_applier(self.config, mask, index), layer_params, x, kv, cross)
         return self.logits(x), dict(cache, index=index + seq, **kv)
@@ -239,11 +235,11 @@ class MusicGenLM(nn.Module):
 def _layer_applier(config: LMConfig, cross_mask: Array | None, index: Array):
     """`apply_layer(params, x, kv, cross) -> (x, kv)` for `decode_layers_one_by_one`: one cached `DecoderLayer` on
     its own params and cache (shapes as `DecoderLayer.__call__` with a per-layer cache)."""
-    layer = DecoderLayer(config, parent=None)  # applied on its own params, not a submodule of the caller
+    layer = DecoderLayer(config, own_cache=True, parent=None)  # on its own params, not a submodule of the caller
 
     def apply_layer(params, x, kv, cross):
-        (x, kv, _), _ = layer.apply({"params": params}, (x, kv, jnp.zeros((), jnp.int32)), None, cross_mask, cross,
-                                    index)
+        (x, kv, _), _ = layer.apply({"params": params}, (x, kv, jnp.zeros((), jnp.int32)), cross, cross_mask, index,
+                                    method=DecoderLayer.decode)
         return x, kv
 
     return apply_layer
@@ -253,20 +249,48 @@ def _layer_applier(config: LMConfig, cross_mask: Array | None, index: Array):
 _INT8_CONTRACTED = {"q_proj": (1,), "k_proj": (1,), "v_proj": (1,), "out_proj": (1, 2), "fc1": (1,), "fc2": (1,)}
 
 
-def quantize_lm_params(params: dict) -> dict:
-    """Float LM params -> the `weight_format='int8'` tree: every attention/FFN/head matmul weight becomes int8 with
-    a float32 `<name>_scale` per output channel; embeddings, norms and condition projections stay float32."""
+def _map_matmul_weights(params: dict, fn) -> dict:
+    """The LM params with every attention/FFN/head matmul weight `w` replaced by the entries `fn(name, w,
+    contracted_axes)` returns (a dict of name -> leaf); everything else as it is."""
     def walk(tree: dict, in_layers: bool) -> dict:
         out = {}
         for name, value in tree.items():
             if isinstance(value, dict):
                 out[name] = walk(value, in_layers or name == "layers")
             elif in_layers and name in _INT8_CONTRACTED:
-                out[name], out[f"{name}_scale"] = quantize_weight(value, _INT8_CONTRACTED[name])
+                out.update(fn(name, value, _INT8_CONTRACTED[name]))
             else:
                 out[name] = value
         return out
 
-    quantized = walk({k: v for k, v in params.items() if k != "heads"}, False)
-    quantized["heads"] = dict(zip(("kernel", "kernel_scale"), quantize_weight(params["heads"]["kernel"], (1,))))
-    return quantized
+    mapped = walk({k: v for k, v in params.items() if k != "heads"}, False)
+    mapped["heads"] = fn("kernel", params["heads"]["kernel"], (1,))
+    return mapped
+
+
+def quantize_lm_params(params: dict) -> dict:
+    """Float LM params -> the `weight_format='int8'` tree: every attention/FFN/head matmul weight becomes int8 with
+    a float32 `<name>_scale` per output channel; embeddings, norms and condition projections stay float32."""
+    return _map_matmul_weights(
+        params, lambda name, w, axes: dict(zip((name, f"{name}_scale"), quantize_weight(w, axes))))
+
+
+def cast_matmul_weights(params: dict, dtype) -> dict:
+    """Float LM params with the matmul weights (attention, FFN, heads) stored in `dtype`: the values every matmul
+    casts them to anyway when it computes in `dtype`, so the same logits, with half the bytes held and read per
+    decoding step in a half dtype. Norms, embeddings and condition projections stay float32. Works on arrays and
+    on `jax.ShapeDtypeStruct`s (sharding kept)."""
+    def cast(name, w, _):
+        if isinstance(w, jax.ShapeDtypeStruct):
+            return {name: jax.ShapeDtypeStruct(w.shape, jnp.dtype(dtype), sharding=w.sharding)}
+        return {name: w.astype(dtype)}
+
+    return _map_matmul_weights(params, cast)
+
+
+def weights_for_compute(params: dict, config: LMConfig) -> dict:
+    """The LM params as a sampler holds them for `config.compute_dtype`: matmul weights cast to a half dtype
+    (`cast_matmul_weights`), float32 and int8 weights as they are."""
+    if jnp.dtype(config.compute_dtype).itemsize == 2 and config.weight_format != "int8":
+        return cast_matmul_weights(params, config.compute_dtype)
+    return params

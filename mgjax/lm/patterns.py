@@ -4,8 +4,13 @@ A pattern lays the K parallel code streams `codes [B, K, T]` out as a sequence `
 one step at a time. The layout for T timesteps is a list of S steps; step s holds a set of coordinates (t, k)
 ("codebook k of timestep t"), at most one per codebook. Conventions, all as in audiocraft:
 
-- Step 0 is always empty: the LM's first input is the special token on every codebook.
-- The LM output at step s predicts the tokens of step s + 1 (`revert_logits` does that shift).
+- Step 0 is empty: the LM's first input is the special token on every codebook. The one exception is
+  `empty_initial=-1` (delay and parallel patterns; MAGNeT's configs use it), which omits that step: the layout
+  starts with codes, as audiocraft's `omit_special_token`.
+- The LM output at step s predicts the tokens of step s + 1 (`revert_logits` does that shift) when step 0 is empty,
+  and the tokens of step s itself otherwise (audiocraft shifts only a layout that starts with an empty step; a
+  non-autoregressive model such as MAGNeT predicts the masked tokens of its own input, so `LMConfig` refuses such a
+  layout for MusicGen's causal LM).
 - Positions of the sequence with no code, or with a code of timestep >= T (patterns such as delay lay those out
   past the end), hold the special token.
 - The full layout (`valid_only=False`, audiocraft's default) is what generation runs over: every code has a step.
@@ -29,7 +34,6 @@ import dataclasses
 import functools
 from typing import Any, NamedTuple, Optional
 
-import jax.numpy as jnp
 import numpy as np
 
 Layout = list[list[tuple[int, int]]]  # per step, the (t, k) coordinates it holds
@@ -42,6 +46,7 @@ class IndexMaps(NamedTuple):
     code_steps: np.ndarray  # [K, T] int32: step holding code (k, t); S if the layout never places it
     num_steps: int  # S of the full layout (generation)
     valid_steps: int  # S of the valid prefix (training)
+    starts_with_special: bool  # step 0 is empty (every pattern but empty_initial=-1): outputs predict the next step
 
 
 class Pattern:
@@ -50,7 +55,8 @@ class Pattern:
     num_codebooks: int
 
     def layout(self, timesteps: int) -> Layout:
-        """The full layout for `timesteps` steps: a list of steps, each a list of (t, k); step 0 is empty."""
+        """The full layout for `timesteps` steps: a list of steps, each a list of (t, k); step 0 is empty unless
+        the pattern omits the special step (`empty_initial=-1`)."""
         raise NotImplementedError
 
     def index_maps(self, timesteps: int) -> IndexMaps:
@@ -68,6 +74,11 @@ class Pattern:
         During generation, position (k, s) is to be written with a sampled token iff `step_map[k, s] >= 0`.
         """
         return self.index_maps(timesteps).step_map
+
+    def starts_with_special_token(self, timesteps: int) -> bool:
+        """Whether the T-timestep layout starts with an empty step (audiocraft's `starts_with_special_token`): then
+        the output at step s predicts step s + 1, else step s (`revert_logits`)."""
+        return self.index_maps(timesteps).starts_with_special
 
     def code_steps(self, timesteps: int) -> np.ndarray:
         """`[K, T]` int32: the step of the full layout that holds code (k, t) (the inverse of `step_map`)."""
@@ -112,17 +123,19 @@ class Pattern:
                       fill_value: float = 0.0) -> tuple[Any, np.ndarray]:
         """`logits [B, K, S, card]` (LM output on a built sequence) -> `(logits [B, K, T, card], mask [K, T])`.
 
-        The output at step s predicts step s + 1, so code (k, t) at step s_kt takes the logits of step s_kt - 1.
-        mask[k, t] is True iff s_kt < S, i.e. the code was part of the fed sequence; the last step's logits predict
-        nothing that was fed and are dropped. With the valid prefix fed (training) this is exactly the set of
-        positions audiocraft trains on. Masked positions hold `fill_value` (audiocraft uses NaN; 0 keeps
+        The output at step s predicts step s + 1, so code (k, t) at step s_kt takes the logits of step s_kt - 1
+        (of step s_kt itself for a layout without the leading empty step, `starts_with_special_token`, as
+        audiocraft). mask[k, t] is True iff s_kt < S, i.e. the code was part of the fed sequence; the last step's
+        logits predict nothing that was fed and are dropped. With the valid prefix fed (training) this is exactly
+        the set of positions audiocraft trains on. Masked positions hold `fill_value` (audiocraft uses NaN; 0 keeps
         gradients finite). T defaults to the T whose *valid* layout has S steps (the training case).
         """
         _, _, length = self._check(logits, "logits", ndim=4)
         timesteps = self._resolve_timesteps(length, timesteps, valid_only=True)
-        code_steps = self.code_steps(timesteps)
-        mask = code_steps < length
-        return _gather(logits, code_steps - 1, mask, fill_value), _readonly(mask)
+        maps = self.index_maps(timesteps)
+        mask = maps.code_steps < length
+        shift = 1 if maps.starts_with_special else 0
+        return _gather(logits, maps.code_steps - shift, mask, fill_value), _readonly(mask)
 
     def _check(self, x: Any, name: str, ndim: int = 3) -> tuple[int, int, int]:
         if x.ndim != ndim or x.shape[1] != self.num_codebooks:
@@ -146,8 +159,9 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 def _gather(x: Any, index: np.ndarray, valid: np.ndarray, fill: Any) -> Any:
     """`x [B, K, N, ...]`, `index [K, M]` -> `[B, K, M, ...]` with `out[:, k, m] = x[:, k, index[k, m]]` where
-    `valid [K, M]`, else `fill`. A gather then a select: no padded copy of `x` (logits can be large)."""
-    xp = np if isinstance(x, np.ndarray) else jnp
+    `valid [K, M]`, else `fill`. A gather then a select: no padded copy of `x` (logits can be large). numpy in,
+    numpy out; a jax array (or tracer) goes through its own namespace, `jax.numpy`."""
+    xp = np if isinstance(x, np.ndarray) else x.__array_namespace__()
     rows = np.arange(index.shape[0])[:, None]
     gathered = x[:, rows, np.where(valid, index, 0)]
     valid = valid.reshape((1,) + valid.shape + (1,) * (x.ndim - 3))
@@ -166,8 +180,8 @@ def _index_maps(pattern: Pattern, timesteps: int) -> IndexMaps:
     if timesteps < 1:
         raise ValueError(f"a pattern needs at least one timestep, got T={timesteps}")
     layout = pattern.layout(timesteps)
-    if not layout or layout[0]:
-        raise ValueError(f"{pattern} must start with an empty step")
+    if not layout:
+        raise ValueError(f"{pattern} lays out no step")
     num_steps, valid_steps = _lengths(layout, timesteps)
     step_map = np.full((pattern.num_codebooks, num_steps), -1, np.int32)
     code_steps = np.full((pattern.num_codebooks, timesteps), num_steps, np.int32)
@@ -176,7 +190,7 @@ def _index_maps(pattern: Pattern, timesteps: int) -> IndexMaps:
             if t < timesteps:
                 step_map[k, s] = t
                 code_steps[k, t] = s
-    return IndexMaps(_readonly(step_map), _readonly(code_steps), num_steps, valid_steps)
+    return IndexMaps(_readonly(step_map), _readonly(code_steps), num_steps, valid_steps, not layout[0])
 
 
 @functools.lru_cache(maxsize=256)
@@ -213,12 +227,18 @@ def _check_codebooks(num_codebooks: int) -> None:
         raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks}")
 
 
+def _check_empty_initial(empty_initial: int) -> None:
+    if empty_initial < -1:
+        raise ValueError(f"empty_initial must be >= -1 (-1 omits the leading empty step), got {empty_initial}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DelayPattern(Pattern):
     """MusicGen's pattern: codebook k delayed by `delays[k]` steps (default 0, 1, ..., K-1).
 
     `flatten_first`: the first N timesteps are laid out one codebook per step before the delayed part.
-    `empty_initial`: N extra empty steps after the leading one.
+    `empty_initial`: N extra empty steps after the leading one; -1 omits the leading empty step itself (MAGNeT's
+    setting: the layout starts with codes and `revert_logits` does not shift, as audiocraft's `omit_special_token`).
     """
 
     num_codebooks: int
@@ -232,11 +252,12 @@ class DelayPattern(Pattern):
         object.__setattr__(self, "delays", _int_tuple(delays, "delays"))
         if len(self.delays) != self.num_codebooks:
             raise ValueError(f"delays needs one entry per codebook ({self.num_codebooks}), got {self.delays}")
-        if self.flatten_first < 0 or self.empty_initial < 0:
-            raise ValueError("flatten_first and empty_initial must be >= 0")
+        _check_empty_initial(self.empty_initial)
+        if self.flatten_first < 0:
+            raise ValueError(f"flatten_first must be >= 0, got {self.flatten_first}")
 
     def layout(self, timesteps: int) -> Layout:
-        out: Layout = [[] for _ in range(1 + self.empty_initial)]
+        out: Layout = [[] for _ in range(1 + self.empty_initial)]  # none for empty_initial=-1
         first = self.flatten_first
         for t in range(min(timesteps, first)):
             out.extend([(t, k)] for k in range(self.num_codebooks))
@@ -247,13 +268,14 @@ class DelayPattern(Pattern):
 
 @dataclasses.dataclass(frozen=True)
 class ParallelPattern(Pattern):
-    """All codebooks of a timestep in one step (the delay pattern with zero delays)."""
+    """All codebooks of a timestep in one step (the delay pattern with zero delays); `empty_initial` as there."""
 
     num_codebooks: int
     empty_initial: int = 0
 
     def __post_init__(self):
         _check_codebooks(self.num_codebooks)
+        _check_empty_initial(self.empty_initial)
 
     def layout(self, timesteps: int) -> Layout:
         delayed = DelayPattern(self.num_codebooks, (0,) * self.num_codebooks, empty_initial=self.empty_initial)
@@ -388,8 +410,9 @@ def get_pattern(name: str, num_codebooks: int, **kwargs: Any) -> Pattern:
 
 def pattern_from_config(lm_config: Any) -> Pattern:
     """The pattern an `LMConfig` names: `pattern`, with `pattern_delays` / `pattern_flattening` (empty means the
-    pattern's default; for a stereo delay pattern, each channel's codebook k delayed by k) and `pattern_group_size`
-    (musiclm). Delays or flattening given to a pattern that does not take them is an error rather than silently
+    pattern's default; for a stereo delay pattern, each channel's codebook k delayed by k), `pattern_group_size`
+    (musiclm), `pattern_flatten_first` (delay) and `pattern_empty_initial` (delay, parallel). Delays, flattening,
+    flatten_first or empty_initial given to a pattern that does not take them is an error rather than silently
     ignored."""
     kwargs: dict[str, Any] = {}
     if lm_config.pattern_delays:
@@ -401,4 +424,8 @@ def pattern_from_config(lm_config: Any) -> Pattern:
         kwargs["flattening"] = lm_config.pattern_flattening
     if lm_config.pattern == "musiclm":
         kwargs["group_size"] = lm_config.pattern_group_size
+    if lm_config.pattern_flatten_first:
+        kwargs["flatten_first"] = lm_config.pattern_flatten_first
+    if lm_config.pattern_empty_initial:
+        kwargs["empty_initial"] = lm_config.pattern_empty_initial
     return get_pattern(lm_config.pattern, lm_config.num_codebooks, **kwargs)

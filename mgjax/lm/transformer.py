@@ -3,12 +3,13 @@
 Shapes: B batch, T query length, S key length (the KV cache length when decoding), D model width, H heads,
 Dh head width, F feed-forward width, L number of layers, Lc condition length.
 
-A layer runs in one of two modes, chosen by whether a self-attention cache slice is passed:
-- teacher-forced: causal attention over its own input, nothing is stored; the attention core is
-  `mgjax.kernels.attention` (`lm.attention`: Pallas splash on TPU, cuDNN on GPU, dense on CPU);
-- cached: the new keys/values are written into the cache at `index` (`lax.dynamic_update_slice`) and the queries
-  attend to every cache position `<= index + t` (dense: one query row per step); cross-attention keys/values come
-  precomputed.
+A layer runs in one of three modes, each its own method (`DecoderLayer.__call__`, `.prefill`, `.decode`):
+- train: teacher-forced causal attention over its own input, nothing stored; the attention core is
+  `mgjax.kernels.attention` (`lm.attention`: Pallas splash on TPU, cuDNN on GPU, dense on CPU); remat applies;
+- prefill: the first T positions of an empty KV cache (a prepend model's condition prefix, an audio prompt): the
+  same kernel over those positions, their keys/values written into the cache (`mgjax.lm.kv_cache`);
+- decode: T >= 1 new positions at a traced cache index appended to a filled cache; each query attends densely to
+  every cache position up to its own. Cross-attention keys/values come precomputed in both cached modes.
 
 Activations are constrained by logical axes at the layer boundaries (`mgjax.sharding.constrain`: a no-op without a
 mesh) and tagged by name for remat policies (`mgjax.lm.remat`).
@@ -24,14 +25,14 @@ from flax import linen as nn
 from jax import lax
 
 from mgjax.config import LMConfig
-from mgjax.kernels.attention import attention
+from mgjax.kernels.attention import attention, dense_attention
 from mgjax.kernels.select import kernels_for
 from mgjax.lm.remat import policy as remat_policy
+from mgjax.lm import kv_cache as kvs
 from mgjax.lm.remat import tag
 from mgjax.sharding import constrain
 
 Array = jax.Array
-NEG_INF = float(jnp.finfo(jnp.float32).min)
 # logical axes of the activations constrained at layer boundaries (`mgjax.sharding.LOGICAL_RULES`)
 EMBED_AXES = ("activation_batch", "activation_length", "activation_embed")  # [B, T, D]
 HEAD_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")  # [B, T, H, Dh]
@@ -117,48 +118,6 @@ def sinusoidal_positions(positions: Array, dim: int) -> Array:
     return emb
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *, heads_first: bool = False) -> Array:
-    """Multi-head attention core; the one place to swap in a fused kernel.
-
-    q `[B, T, H, Dh]`, k/v `[B, S, H, Dh]` (or `[B, H, S, Dh]` with `heads_first`, the KV cache layout: each
-    head's keys contiguous, nothing transposed per decoding step), mask bool broadcastable to `[B, H, T, S]`
-    (True = attend) or None -> `[B, T, H, Dh]` in v's dtype. Scores and softmax run in float32. A row with no
-    allowed key gets uniform weights (as transformers' additive `finfo.min` mask does), which averages the values.
-    """
-    kv = "bhsd" if heads_first else "bshd"
-    scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum(f"bthd,{kv}->bhts", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        scores = jnp.where(mask, scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum(f"bhts,{kv}->bthd", probs.astype(v.dtype), v)
-
-
-def write_cache(cache: Array, new: Array, layer: Array, index: Array) -> Array:
-    """Writes keys or values `[B, T, H, Dh]` into the stacked cache `[L, B, H, S, Dh]` at `[layer, :, :, index]`, or
-    into one layer's own cache `[B, H, S, Dh]` at `[:, :, index]`."""
-    new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)
-    if cache.ndim == 4:
-        return lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
-    return lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, index, 0))
-
-
-def layer_cache(cache: Array, layer: Array) -> Array:
-    """`[B, H, S, Dh]`: the layer's slice of a stacked cache `[L, B, H, S, Dh]`, or an own cache as it is."""
-    return cache if cache.ndim == 4 else lax.dynamic_index_in_dim(cache, layer, keepdims=False)
-
-
-def causal_mask(length: int) -> Array:
-    """`[1, 1, T, T]` bool, True where key position <= query position."""
-    return jnp.tril(jnp.ones((length, length), bool))[None, None]
-
-
-def cached_causal_mask(index: Array, length: int, cache_length: int) -> Array:
-    """`[1, 1, T, S]` bool for `T` queries at positions `index + t` attending to a cache of `S` positions."""
-    query_pos = index + jnp.arange(length)
-    return (jnp.arange(cache_length)[None, :] <= query_pos[:, None])[None, None]
-
-
 class LayerNorm(nn.Module):
     """LayerNorm with scale and bias (torch `nn.LayerNorm`), statistics in float32."""
 
@@ -178,7 +137,7 @@ class LayerNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Bias-free multi-head projections; the attention core itself is `dot_product_attention`.
+    """Bias-free multi-head projections; the attention core is `mgjax.kernels.attention`.
 
     Params: q_proj/k_proj/v_proj `[D, H, Dh]`, out_proj `[H, Dh, D]`.
     """
@@ -229,9 +188,14 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm layer: x + SelfAttn(LN(x)), [x + CrossAttn(LN(x), cond)], x + FFN(LN(x))."""
+    """Pre-norm layer: x + SelfAttn(LN(x)), [x + CrossAttn(LN(x), cond)], x + FFN(LN(x)).
+
+    One method per mode (see the module docstring): `__call__` (train), `prefill`, `decode`. `own_cache`: decode
+    on this layer's own cache `[B, H, S, Dh]` (`kvs.split_by_layer`, the CPU's layout) instead of the stacked one.
+    """
 
     config: LMConfig
+    own_cache: bool = False
 
     def setup(self):
         c = self.config
@@ -244,46 +208,85 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = LayerNorm(c.layer_norm_eps, dtype)
         self.ffn = FeedForward(c)
 
-    def __call__(self, carry: tuple, cond: Array | None, cond_mask: Array | None, cross_kv: dict | None,
-                 index: Array | None) -> tuple[tuple, None]:
-        """One layer, as the body of the scan over layers.
+    def __call__(self, x: Array, cond: Array | None, cond_mask: Array | None) -> tuple[Array, None]:
+        """Train mode (the body of the scan over layers): x `[B, T, D]` attends causally to itself through the
+        attention kernel; cond `[B, Lc, D]` projected condition states (cross; None: no cross-attention), cond_mask
+        `[B, Lc]` bool or None. Nothing is cached. Returns (x, None)."""
+        implementation = self.config.attention
 
-        carry = (x `[B, T, D]`, cache, layer): cache is None (teacher-forced) or the WHOLE stacked self-attention
-        cache `{'k','v': [L, B, H, S, Dh]}`, updated in place at `[layer, :, :, index]` (carrying it, rather than
-        scanning over its layers, keeps XLA from copying the whole cache every decoding step), or this layer's own
-        cache `{'k','v': [B, H, S, Dh]}` (layers run one by one, `kernels.cpu.split_for_decoding`); layer int32.
-        cond `[B, Lc, D]` projected condition states (teacher-forced cross mode) or None; cond_mask `[B, Lc]` bool or
-        None; cross_kv `{'k','v': [B, Lc, H, Dh]}` precomputed (cached mode) or None; index int32: the cache
-        position of x[:, 0]. Returns ((x, cache, layer + 1), None).
-        """
+        def self_attention(q, k, v):
+            return attention(q, k, v, causal=True, implementation=implementation)
+
+        cross = None
+        if cond is not None:
+            def cross(q):
+                k, v = self.cross_attn.key_value(cond)
+                return attention(q, k, v, kv_mask=cond_mask, implementation=implementation)
+        return self._blocks(x, self_attention, cross), None
+
+    def prefill(self, carry: tuple, cross_kv: dict | None, cross_mask: Array | None) -> tuple[tuple, None]:
+        """Prefill mode: carry = (x `[B, T, D]`, stacked cache `{'k','v': [L, B, S, H*Dh]}`, layer int32), x the
+        first T positions of an empty cache. Attention as in training (the kernel, over the T new positions:
+        nothing before them is cached); their keys/values are written at `[layer, :, 0:T]`. cross_kv
+        `{'k','v': [B, Lc, H, Dh]}` precomputed (cross) or None, cross_mask `[B, Lc]`. Returns ((x, cache,
+        layer + 1), None)."""
         x, cache, layer = carry
+        implementation = self.config.attention
+        written = {}
+
+        def self_attention(q, k, v):
+            written.update(k=kvs.write_stacked(cache["k"], k, layer, 0), v=kvs.write_stacked(cache["v"], v, layer, 0))
+            return attention(q, k, v, causal=True, implementation=implementation)
+
+        def cross(q):
+            return attention(q, cross_kv["k"], cross_kv["v"], kv_mask=cross_mask, implementation=implementation)
+
+        x = self._blocks(x, self_attention, None if cross_kv is None else cross)
+        return (x, written, layer + 1), None
+
+    def decode(self, carry: tuple, cross_kv: dict | None, cross_mask: Array | None,
+               index: Array) -> tuple[tuple, None]:
+        """Decode mode: carry = (x `[B, T, D]`, cache, layer int32), x T >= 1 new positions at cache position
+        `index` (traced) appended to a filled cache: their keys/values are written there and each query attends to
+        every cache position up to its own (dense: one score row per query). cache is the WHOLE stacked cache
+        `{'k','v': [L, B, S, H*Dh]}`, updated in place at `[layer, :, index]` (carrying it, rather than scanning
+        over its layers, keeps XLA from copying the whole cache every step), or with `own_cache` this layer's own
+        `{'k','v': [B, H, S, Dh]}`. cross_kv, cross_mask as `prefill`. Returns ((x, cache, layer + 1), None)."""
+        x, cache, layer = carry
+        heads = self.config.num_heads
+        written = {}
+
+        def self_attention(q, k, v):
+            if self.own_cache:
+                written.update(k=kvs.write_own(cache["k"], k, index), v=kvs.write_own(cache["v"], v, index))
+                keys, values = written["k"], written["v"]
+            else:
+                written.update(k=kvs.write_stacked(cache["k"], k, layer, index),
+                               v=kvs.write_stacked(cache["v"], v, layer, index))
+                keys, values = (kvs.read_stacked(written[name], layer, heads) for name in ("k", "v"))
+            return dense_attention(q, keys, values, causal=True, q_offset=index, kv_heads_first=self.own_cache)
+
+        def cross(q):
+            return dense_attention(q, cross_kv["k"], cross_kv["v"], kv_mask=cross_mask)
+
+        x = self._blocks(x, self_attention, None if cross_kv is None else cross)
+        return (x, written, layer + 1), None
+
+    def _blocks(self, x: Array, self_attention, cross) -> Array:
+        """The layer's three residual blocks around the mode's attention: `self_attention(q, k, v)` and
+        `cross(q)` (None: no cross-attention) map `[B, T, H, Dh]` queries (and the new keys/values) to
+        `[B, T, H, Dh]`. x `[B, T, D]` -> `[B, T, D]`."""
         x = constrain(x, EMBED_AXES)
         h = self.self_attn_norm(x)
         q = tag(constrain(self.self_attn.query(h), HEAD_AXES), "query")
         k, v = self.self_attn.key_value(h)
         k, v = tag(constrain(k, HEAD_AXES), "key"), tag(constrain(v, HEAD_AXES), "value")
-        if cache is None:
-            attended = attention(q, k, v, causal=True, implementation=self.config.attention)
-        else:
-            cache = {name: write_cache(cache[name], new, layer, index) for name, new in (("k", k), ("v", v))}
-            k, v = layer_cache(cache["k"], layer), layer_cache(cache["v"], layer)
-            attended = dot_product_attention(q, k, v, cached_causal_mask(index, x.shape[1], k.shape[2]),
-                                             heads_first=True)
-        attended = tag(constrain(attended, HEAD_AXES), "attention")
+        attended = tag(constrain(self_attention(q, k, v), HEAD_AXES), "attention")
         x = x + tag(constrain(self.self_attn.output(attended), EMBED_AXES), "self_attention_out")
-
-        if self.config.conditioning == "cross" and (cond is not None or cross_kv is not None):
-            h = self.cross_attn_norm(x)
-            q = self.cross_attn.query(h)
-            ck, cv = self.cross_attn.key_value(cond) if cross_kv is None else (cross_kv["k"], cross_kv["v"])
-            if cache is None:
-                attended = attention(q, ck, cv, kv_mask=cond_mask, implementation=self.config.attention)
-            else:
-                attended = dot_product_attention(q, ck, cv, None if cond_mask is None else cond_mask[:, None, None, :])
+        if self.config.conditioning == "cross" and cross is not None:
+            attended = cross(self.cross_attn.query(self.cross_attn_norm(x)))
             x = x + tag(constrain(self.cross_attn.output(attended), EMBED_AXES), "cross_attention_out")
-
-        x = x + tag(constrain(self.ffn(self.ffn_norm(x)), EMBED_AXES), "mlp_out")
-        return (x, cache, layer + 1), None
+        return x + tag(constrain(self.ffn(self.ffn_norm(x)), EMBED_AXES), "mlp_out")
 
     def cross_key_value(self, cond: Array) -> tuple[Array, dict]:
         """cond `[B, Lc, D]` -> (cond unchanged: the scan carry, `{'k','v': [B, Lc, H, Dh]}`)."""
@@ -294,8 +297,9 @@ class DecoderLayer(nn.Module):
 def scanned_layers(config: LMConfig, name: str = "layers") -> nn.Module:
     """The `config.num_layers` decoder layers as one `nn.scan` (params stacked on a leading 'layers' axis).
 
-    Scanned methods: `__call__((x, cache, layer), cond, cond_mask, cross_kv, index)` with cross_kv sliced per layer
-    and the whole stacked cache carried (see `DecoderLayer.__call__`; start with layer = 0), and
+    Scanned methods (see `DecoderLayer`): `__call__(x, cond, cond_mask)` (train; remat applies here),
+    `prefill((x, cache, layer), cross_kv, cross_mask)` and `decode((x, cache, layer), cross_kv, cross_mask, index)`
+    with cross_kv sliced per layer and the whole stacked cache carried (start with layer = 0), and
     `cross_key_value(cond)` -> (cond, `{'k','v': [L, B, Lc, H, Dh]}`).
     """
     layer = DecoderLayer
@@ -304,7 +308,9 @@ def scanned_layers(config: LMConfig, name: str = "layers") -> nn.Module:
     common = dict(variable_axes={"params": 0}, split_rngs={"params": True}, length=config.num_layers,
                   unroll=config.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"})
     methods = {
-        "__call__": dict(common, in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast)),
+        "__call__": dict(common, in_axes=(nn.broadcast, nn.broadcast)),
+        "prefill": dict(common, in_axes=(0, nn.broadcast)),
+        "decode": dict(common, in_axes=(0, nn.broadcast, nn.broadcast)),
         "cross_key_value": dict(common, in_axes=()),
     }
     return nn.scan(layer, methods=methods)(config, name=name)
