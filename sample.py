@@ -316,7 +316,8 @@ def run(args) -> int:
                            f"than --duration ({args.duration} s)")
     melody = None
     if args.melody:
-        if mg.config.lm.conditioning != "prepend":
+        from mgjax.conditioning.fuser import takes_melody
+        if not takes_melody(mg.config.lm):
             raise CliError(f"--melody needs a MusicGen-melody checkpoint; {checkpoint_dir} conditions on text only")
         melody = conform(*inputs["--melody"], mg.sample_rate, 1)
     paths = output_paths(args.out, args.prompt, "." + args.audio_format)

@@ -160,6 +160,7 @@ def make_datasets(config: Any, synthetic: bool) -> tuple[Any, Any, Any]:
     """(train dataset, valid dataset, codec): synthetic codes (codec None), or cached codes of `train.data_dir` and
     the codec that encoded them."""
     from mgjax import data
+    from mgjax.conditioning.fuser import takes_melody
 
     train = config.train
     if synthetic or train.synthetic:
@@ -170,7 +171,7 @@ def make_datasets(config: Any, synthetic: bool) -> tuple[Any, Any, Any]:
     train_entries, valid_entries = data.split_valid(entries, train.valid_fraction)
     codec = load_codec(config)
     cache = data.CodeCache(train.cache_dir or os.path.join(train.output_dir, "code_cache"), codec,
-                           chroma=config.lm.conditioning == "prepend", stereo=config.lm.audio_channels == 2)
+                           chroma=takes_melody(config.lm), stereo=config.lm.audio_channels == 2)
     tokenizer = load_tokenizer(config)
     dataset = data.AudioDataset(train_entries, cache, train, tokenizer=tokenizer)
     # Few held-out files: every host reads all of them (each host must take part in every eval step).

@@ -184,9 +184,9 @@ def abstract_lm_params(config: Any, mesh: Any) -> Any:
     import jax
 
     from mgjax import sharding
-    from mgjax.api import boxed_lm_init
+    from mgjax.lm.model import boxed_lm_params
 
-    boxed = jax.eval_shape(lambda: boxed_lm_init(config, jax.random.key(0)))
+    boxed = jax.eval_shape(lambda: boxed_lm_params(config.lm, config.text.d_model, jax.random.key(0)))
     shardings = sharding.logical_shardings(boxed, mesh)
     return jax.tree.map(lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh),
                         nn.meta.unbox(boxed), shardings)
@@ -251,13 +251,15 @@ def train_model_flops(config: Any) -> float:
     """Model FLOPs of one train step (forward + backward = 3x forward; remat's recomputation not counted, as MFU
     defines it): the LM's matmuls and attention (causal self-attention counted at half the square), and the frozen
     T5 encoder's forward."""
+    from mgjax.conditioning.fuser import uses_cross_attention
+
     lm, text, train = config.lm, config.text, config.train
     seq = train_frames(config) + lm.num_codebooks - 1  # the delay pattern's steps
     rows, words = train.batch_size, train.max_text_tokens
     d, f = lm.dim, lm.ffn_dim
     per_position = 2 * (4 * d * d + 2 * d * f) + 2 * d * seq  # projections, FFN; causal scores + values (half)
     per_row = 0.0
-    if lm.conditioning == "cross":
+    if uses_cross_attention(lm):
         per_position += 2 * 2 * d * d + 4 * d * words  # cross-attention q/out projections, scores and values
         per_row = 2 * 2 * d * d * words  # cross-attention keys/values of the text, once per row and layer
     heads = 2 * lm.num_codebooks * d * lm.card
@@ -273,10 +275,12 @@ def attention_kernel_flops(config: Any) -> float:
     """FLOPs the Pallas attention kernels of one train step execute (all devices), which XLA's cost analysis cannot
     see inside a custom call: forward (scores and values; causal at half the square), backward at 2.5x forward
     (splash recomputes the scores, then dq, dk, dv), and one more forward when remat recomputes the layer."""
+    from mgjax.conditioning.fuser import uses_cross_attention
+
     lm, train = config.lm, config.train
     seq = train_frames(config) + lm.num_codebooks - 1
     forward = 2 * 2 * seq * seq * lm.dim / 2
-    if lm.conditioning == "cross":
+    if uses_cross_attention(lm):
         forward += 2 * 2 * seq * train.max_text_tokens * lm.dim
     policy_name = lm.effective_remat_policy
     recomputed = policy_name != "none" and not (policy_name.startswith("names:") and "attention" in policy_name)
@@ -288,11 +292,13 @@ def decode_step_cost(config: Any, mesh: Any, batch: int, frames: int, use_cfg: b
     LM weight (matmul weights in the compute dtype as `weights_for_compute` holds them, int8 as int8, the rest
     float32; split over `tensor`) and the filled half of the KV cache are read once per step;
     the matmuls cost 2 FLOPs per weight per row (CFG doubles the rows)."""
+    from mgjax.conditioning.fuser import uses_cross_attention
+
     lm = config.lm
     tensor = mesh.shape.get("tensor", 1)
     batch_shards = max(1, math.gcd(batch, mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)))
     rows = batch * (2 if use_cfg else 1) / batch_shards
-    layer_weights = lm.num_layers * (4 * lm.dim * lm.dim * (2 if lm.conditioning == "cross" else 1)
+    layer_weights = lm.num_layers * (4 * lm.dim * lm.dim * (2 if uses_cross_attention(lm) else 1)
                                      + 2 * lm.dim * lm.ffn_dim)
     head_weights = lm.num_codebooks * lm.dim * lm.card
     dtype_bytes = 2 if lm.compute_dtype in ("bfloat16", "float16") else 4

@@ -15,12 +15,13 @@ import numpy as np
 from mgjax import checkpoint
 from mgjax.audio import channels_from_batch, channels_to_batch, codes_from_batch, codes_to_batch, conform
 from mgjax.codec.encodec import Codec, EncodecModel
-from mgjax.config import ConfigError, MusicGenConfig, T5Config, from_dict
-from mgjax.lm.model import MusicGenLM, quantize_lm_params, weights_for_compute
+from mgjax.config import ConfigError, MusicGenConfig, from_dict
+from mgjax.conditioning.fuser import takes_melody
+from mgjax.lm.model import boxed_lm_params, quantize_lm_params, weights_for_compute
 from mgjax.sampling import (SamplingConfig, generate_codes, generate_in_chunks, split_layers_by_default,
                              steps_to_sample)
 from mgjax.runtime import jit_once
-from mgjax.text.t5 import T5Encoder
+from mgjax.text.t5 import boxed_t5_params, encode_text
 from mgjax.validation import InvalidInput, finite_audio, generation_settings, long_duration_note, sample_rate
 
 
@@ -50,22 +51,15 @@ def boxed_init(config: MusicGenConfig, key: jax.Array) -> dict:
     """`{'codec', 'text', 'lm'}` params as `init` returns them (logically partitioned boxes), unjitted."""
     codec_key, text_key, lm_key = jax.random.split(key, 3)
     wav = jnp.zeros((1, config.codec.hop_length * 2, config.codec.channels), jnp.float32)
-    ids = jnp.zeros((1, 4), jnp.int32)
     return {"codec": EncodecModel(config.codec).init(codec_key, wav)["params"],
-            "text": T5Encoder(config.text).init(text_key, ids, jnp.ones_like(ids))["params"],
-            "lm": boxed_lm_init(config, lm_key)}
-
-
-def boxed_lm_init(config: MusicGenConfig, key: jax.Array) -> dict:
-    codes = jnp.zeros((1, config.lm.num_codebooks, 2), jnp.int32)
-    cond = jnp.zeros((1, 3, config.text.d_model), jnp.float32)
-    chroma = jnp.zeros((1, 2, config.lm.num_chroma), jnp.float32) if config.lm.conditioning == "prepend" else None
-    return MusicGenLM(config.lm).init(key, codes, cond, jnp.ones((1, 3), bool), chroma=chroma)["params"]
+            "text": boxed_t5_params(config.text, text_key),
+            "lm": boxed_lm_params(config.lm, config.text.d_model, lm_key)}
 
 
 def init_lm_params(config: MusicGenConfig, seed: int = 0) -> dict:
     """Random LM params alone (plain arrays): the codec and T5 are not built."""
-    return jit_once(lambda key: nn.meta.unbox(boxed_lm_init(config, key)))(jax.random.key(seed))
+    return jit_once(lambda key: nn.meta.unbox(boxed_lm_params(config.lm, config.text.d_model, key)))(
+        jax.random.key(seed))
 
 
 def init_params(config: MusicGenConfig, seed: int = 0) -> dict:
@@ -98,8 +92,9 @@ def window_plan(frames: int, window: int, stride: int, prompt_frames: int = 0) -
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode_text(config: T5Config, params, input_ids, attention_mask):
-    return T5Encoder(config).apply({"params": params}, input_ids, attention_mask)
+def _encode_text(config, params, input_ids, attention_mask):
+    """`encode_text` jitted: T5 in float32, as in training (its docstring has the dtype rule)."""
+    return encode_text(config, params, input_ids, attention_mask)
 
 
 class MusicGen:
@@ -399,7 +394,7 @@ class MusicGen:
                   for i in range(len(plan))]
         for index, (start, _) in enumerate(plan):
             chroma = None
-            if self.config.lm.conditioning == "prepend":
+            if takes_melody(self.config.lm):
                 chroma = self._window_chroma(melody, melody_sample_rate, cond.shape[0], start / self.frame_rate)
             arguments = (self.params["lm"], cond, jnp.asarray(mask), jax.random.fold_in(key, start), prompt)
             options = dict(lm_config=self.config.lm, frames=window, sampling=sampling, chroma=chroma,
@@ -414,7 +409,7 @@ class MusicGen:
     def _check_melody(self, melody, batch: int):
         if melody is None:
             return None
-        if self.config.lm.conditioning != "prepend":
+        if not takes_melody(self.config.lm):
             raise ValueError("melody conditioning needs a MusicGen-melody checkpoint; this model conditions on text "
                              "only (lm.conditioning='cross')")
         melody = finite_audio("melody", melody)

@@ -32,9 +32,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mgjax import sharding as sharding_lib
 from mgjax.config import MusicGenConfig, TrainConfig, to_dict
 from mgjax.lm.loss import codebook_cross_entropy
-from mgjax.lm.model import MusicGenLM
+from mgjax.lm.model import MusicGenLM, boxed_lm_params
 from mgjax.lm.patterns import Pattern, pattern_from_config
-from mgjax.text.t5 import T5Encoder
+from mgjax.text.t5 import boxed_t5_params, encode_text
 
 Batch = dict[str, jax.Array]
 
@@ -66,27 +66,6 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
 
 # ----------------------------------------------------------------------------------------------- models & init
 
-def compute_dtype(config: MusicGenConfig) -> jnp.dtype:
-    return jnp.dtype(config.lm.compute_dtype)
-
-
-def text_encoder(config: MusicGenConfig) -> T5Encoder:
-    return T5Encoder(config.text, dtype=compute_dtype(config))
-
-
-def init_lm(config: MusicGenConfig, rng: jax.Array) -> Any:
-    """Logically boxed LM params (a dummy batch of one step fixes the shapes)."""
-    codes = jnp.zeros((1, config.lm.num_codebooks, 1), jnp.int32)
-    cond = jnp.zeros((1, 1, config.text.d_model), jnp.float32)
-    return MusicGenLM(config.lm).init(rng, codes, cond, jnp.ones((1, 1), jnp.int32))["params"]
-
-
-def init_text(config: MusicGenConfig, rng: jax.Array) -> Any:
-    """Logically boxed T5 params."""
-    ids = jnp.zeros((1, 1), jnp.int32)
-    return text_encoder(config).init(rng, ids, jnp.ones((1, 1), jnp.int32))["params"]
-
-
 def make_init_fns(config: MusicGenConfig) -> tuple[Callable[[jax.Array], TrainState], Callable[[jax.Array], dict]]:
     """(`rng -> TrainState`, `rng -> frozen`) with boxed params, for `sharding.sharded_initializer`. Two separate
     programs, so each compiles only the initialisers it needs (T5 goes to exactly one of them)."""
@@ -95,14 +74,14 @@ def make_init_fns(config: MusicGenConfig) -> tuple[Callable[[jax.Array], TrainSt
 
     def init_state(rng):
         lm_rng, text_rng = jax.random.split(rng)
-        params = {"lm": init_lm(config, lm_rng)}
+        params = {"lm": boxed_lm_params(config.lm, config.text.d_model, lm_rng)}
         if trainable_text:
-            params["text"] = init_text(config, text_rng)
+            params["text"] = boxed_t5_params(config.text, text_rng)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng,
                           ema=params if config.train.ema_decay > 0 else None)
 
     def init_frozen(rng):
-        return {} if trainable_text else {"text": init_text(config, jax.random.split(rng)[1])}
+        return {} if trainable_text else {"text": boxed_t5_params(config.text, jax.random.split(rng)[1])}
 
     return init_state, init_frozen
 
@@ -192,12 +171,12 @@ def drop_condition(cond: jax.Array, cond_mask: jax.Array, drop: jax.Array) -> tu
 
 
 def text_condition(config: MusicGenConfig, params: dict, frozen: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """cond `[B, L, Dc]`, cond_mask `[B, L]` from precomputed states or from T5 on the caption tokens."""
+    """cond `[B, L, Dc]`, cond_mask `[B, L]` from precomputed states or from T5 on the caption tokens (float32
+    whatever `lm.compute_dtype` is, as at inference: `mgjax.text.t5.encode_text`)."""
     if "cond" in batch:
         return batch["cond"], batch["cond_mask"]
     text_params = params["text"] if "text" in params else jax.lax.stop_gradient(frozen["text"])
-    states = text_encoder(config).apply({"params": text_params}, batch["text_ids"], batch["text_mask"])
-    return states, batch["text_mask"]
+    return encode_text(config.text, text_params, batch["text_ids"], batch["text_mask"]), batch["text_mask"]
 
 
 def opening_weights(config: MusicGenConfig, timesteps: int) -> jax.Array | None:

@@ -235,6 +235,25 @@ def test_progress_callback_reports_steps_and_changes_no_token(pair, every, monke
     assert [s for s, _ in seen] == [*range(every, total, every), total] and all(t == total for _, t in seen)
 
 
+def test_generate_codes_reports_to_the_callback_it_is_given(pair):
+    """Progress is an argument (no module state): with a callback `generate_codes` runs `progress_every` steps per
+    compiled call and reports after each; without one (or with `progress_every` 0) it runs the one loop. Same
+    tokens either way."""
+    _, _, mg = pair
+    ids, mask = mg.tokenize(PROMPTS)
+    arguments = (mg.params["lm"], mg.encode_text(ids, mask), jnp.asarray(mask), jax.random.key(2),
+                 jnp.zeros((2, mg.config.lm.num_codebooks, 0), jnp.int32))
+    options = dict(lm_config=mg.config.lm, frames=6, sampling=sampling.SamplingConfig(top_k=5))
+    seen = []
+    reported = sampling.generate_codes(*arguments, progress=lambda step, total: seen.append((step, total)),
+                                       progress_every=4, **options)
+    np.testing.assert_array_equal(reported, sampling.generate_codes(*arguments, **options))
+    total = 6 + mg.config.lm.num_codebooks - 1
+    assert seen == [(step, total) for step in (*range(4, total, 4), total)]
+    sampling.generate_codes(*arguments, progress=lambda *_: seen.append(None), progress_every=0, **options)
+    assert None not in seen
+
+
 @pytest.mark.parametrize("top_k", [1, 3, 5])
 def test_top_k_support_and_frequencies(top_k):
     logits = jnp.array([2.0, 1.5, 1.5, 0.3, -1.0, 0.9, -3.0, 0.0])

@@ -15,10 +15,10 @@ TOLERANCE = 1e-5  # float32 round-off: the same convolutions on spans of other l
 PIECES = [[1] * 3 + [5] * 4, [3, 0, 11, 2]]  # frames per push (the rest comes with final=True)
 
 
-@functools.lru_cache(maxsize=2)
-def codec(lstm_layers: int) -> Codec:
+@functools.lru_cache(maxsize=None)
+def codec(lstm_layers: int, **overrides) -> Codec:
     config = load_config("tiny").codec
-    return Codec.from_config(dataclasses.replace(config, lstm_layers=lstm_layers), seed=1)
+    return Codec.from_config(dataclasses.replace(config, lstm_layers=lstm_layers, **overrides), seed=1)
 
 
 def streamed(decoder: StreamingDecoder, codes: np.ndarray, pieces: list[int]) -> np.ndarray:
@@ -48,23 +48,63 @@ def test_incremental_decode_equals_offline(lstm_layers):
                                    rtol=0)
 
 
+@pytest.mark.parametrize("overrides", [dict(lstm_layers=1, pad_mode="constant", true_skip=False, n_residual_layers=2),
+                                       dict(lstm_layers=1, causal=True, trim_right_ratio=0.5)])
+def test_carried_state_equals_offline_for_every_layer_kind(overrides):
+    """Chunks smaller than the pushes (several calls of the one program per push), zero padding, 1x1-conv
+    shortcuts, causal convolutions with an asymmetric transposed trim, dilated residual stacks; and streams
+    shorter than the first call needs (decoded offline at the end) or empty."""
+    model = codec(**overrides)
+    codes = random_codes(model.config, 23, seed=2)
+    offline = np.asarray(model.decode(codes))
+    for pieces, chunk in [([9, 1, 6], 4), ([2, 2, 2], 5)]:
+        decoder = StreamingDecoder(model, 2, chunk_frames=chunk)
+        np.testing.assert_allclose(streamed(decoder, codes, pieces), offline, atol=TOLERANCE, rtol=0)
+    for frames in sorted({0, StreamingDecoder(model, 2).min_start - 1}):
+        short = codes[:, :, :frames]
+        wav = streamed(StreamingDecoder(model, 2), short, [1] * frames)
+        assert wav.shape == (2, 1, frames * model.config.hop_length)
+        if frames:
+            np.testing.assert_allclose(wav, np.asarray(model.decode(short)), atol=TOLERANCE, rtol=0)
+
+
 @pytest.mark.parametrize("lstm_layers", [0, 1])
 def test_lookahead_is_the_smallest_exact_one(lstm_layers):
-    """One frame less of right context (before or after the LSTM) and the streamed samples differ from the offline
-    ones by far more than round-off: the lookahead, which is the stream's latency, cannot be shortened."""
+    """The stream returns a frame's audio as soon as `lookahead_frames` more frames are known, and no exact stream
+    can do it sooner: in the offline decode, changing the codes from frame j on leaves frames before
+    j - lookahead as they were and changes frame j - lookahead by far more than round-off."""
     model = codec(lstm_layers)
+    hop = model.config.hop_length
     codes = random_codes(model.config, 20, seed=1)
     offline = np.asarray(model.decode(codes))
     decoder = StreamingDecoder(model, 2)
-    assert decoder.lookahead_frames == decoder.pre_context[1] + decoder.post_context[1] > 0
-    stages = ["pre_context", "post_context"] if lstm_layers else ["post_context"]
-    for stage in stages:
-        short = StreamingDecoder(model, 2)
-        left, right = getattr(short, stage)
-        if right == 0:
-            continue
-        setattr(short, stage, (left, right - 1))
-        assert np.abs(streamed(short, codes, [4] * 4) - offline).max() > 1e-3, stage
+    lookahead = decoder.lookahead_frames
+    assert lookahead > 0
+    for j in (10, 14):
+        changed = codes.copy()
+        changed[:, :, j:] = random_codes(model.config, 20 - j, seed=j)
+        moved = np.abs(np.asarray(model.decode(changed)) - offline)
+        assert moved[..., : (j - lookahead) * hop].max() <= TOLERANCE
+        assert moved[..., (j - lookahead) * hop: (j - lookahead + 1) * hop].max() > 1e-3
+    returned = 0
+    for known in range(1, 20):
+        returned += decoder.push(codes[:, :, known - 1: known]).shape[-1]
+        assert returned == max(0, known - lookahead) * hop
+
+
+def test_one_program_serves_every_push():
+    """Pushes of every size up to `chunk_frames` (and larger ones, split) share one compiled steady program: three
+    programs in all (first call, steady calls, last call), none compiled again by a second stream."""
+    from mgjax.codec.streaming import _decode_step
+
+    model = codec(1)
+    codes = random_codes(model.config, 60, seed=3)
+    before = _decode_step._cache_size()
+    for _ in range(2):
+        np.testing.assert_allclose(streamed(StreamingDecoder(model, 2, chunk_frames=7), codes,
+                                            [5, 7, 1, 3, 0, 6, 2, 12, 4]), np.asarray(model.decode(codes)),
+                                   atol=TOLERANCE, rtol=0)
+    assert _decode_step._cache_size() - before == 3
 
 
 @functools.lru_cache(maxsize=4)
@@ -119,3 +159,14 @@ def test_stream_checks_its_arguments_before_returning():
     with pytest.raises(mgjax.validation.InvalidInput, match="temperature"):
         model("lm.audio_channels=2", "lm.num_codebooks=8").generate_stream(input_ids=IDS, attention_mask=MASK,
                                                                            temperature=float("nan"))
+
+
+def test_abandoned_stream_stops_its_decode_thread():
+    """A stream closed after its first chunk joins its decoder thread (no worker left behind)."""
+    import threading
+
+    stream = model("lm.audio_channels=2", "lm.num_codebooks=8").generate_stream(
+        input_ids=IDS, attention_mask=MASK, chunk_steps=9, duration=1.1, top_p=0.9, seed=4)
+    assert next(stream).shape[-1] > 0
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("mgjax-stream-decode") and t.is_alive()]

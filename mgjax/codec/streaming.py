@@ -8,10 +8,11 @@ nothing is computed twice; a non-causal convolution lags `right` samples behind 
 keeps the partial sums its last input left in the next `kernel - stride` samples (the overlap-add tail); the LSTM
 keeps `(h, c)`. At the true end each layer appends the right padding the offline decode applies (`final`).
 
-One call of one compiled program (`_decode_step`) decodes a chunk of up to `chunk_frames` frames (a traced count of
-them valid; the rest of the fixed-shape slots are ignored), so pushes of any size share one program: three are
-compiled in all, for the first chunk (which builds the state), the steady chunks and the last (which flushes the
-lags). The layers' lags add up to `lag_samples`; audio is handed out in whole frames, so a frame's audio waits for
+Every call runs one compiled program (`_decode_step`, one per codec, batch and `chunk_frames`) on a chunk of
+`chunk_frames` frame slots, of which a traced `count` are valid; whether the call is the stream's first (histories
+start as the left padding, outputs before the true start are dropped) or last (right padding appended) is traced
+too, so pushes of any size share that one program and nothing is compiled after the first audio. The layers' lags
+add up to `lag_samples`; audio is handed out in whole frames, so a frame's audio waits for
 `lookahead_frames = ceil(lag / hop)` further frames (the decoder's receptive field to the right: no exact stream
 can emit it sooner).
 """
@@ -98,11 +99,10 @@ def lag_samples(cfg: CodecConfig) -> int:
     return lag
 
 
-def count_after(layer: StreamLayer, count, start: bool, final: bool):
-    """Valid outputs of `layer` for `count` valid inputs (an int, or traced inside the program): the first call
+def count_after(layer: StreamLayer, count, start, final):
+    """Valid outputs of `layer` for `count` valid inputs (ints, or traced inside the program): the first call
     drops the lag's outputs (they would precede the true start), the last adds them (the right padding's)."""
-    scaled = count * layer.stride
-    return scaled - (layer.lag if start else 0) + (layer.lag if final else 0)
+    return count * layer.stride - layer.lag * start + layer.lag * final
 
 
 def min_start_frames(cfg: CodecConfig) -> int:
@@ -134,24 +134,29 @@ def _conv(x_BxNxC: jax.Array, kernel, bias, dilation: int = 1) -> jax.Array:
     return y + bias.astype(y.dtype)
 
 
-def _padded_history(layer: StreamLayer, cfg: CodecConfig, x_BxSxC, count, history, start: bool, final: bool):
-    """`(buffer, next history)`: the layer's history then its inputs then `right` slots, as the offline decode's
-    padded input reads them: at the start the history is the left padding (after `right` unused slots), at the end
-    the right padding follows the last valid input."""
-    batch, _, channels = x_BxSxC.shape
+def _padded_history(layer: StreamLayer, cfg: CodecConfig, x_BxSxC, count, history, start, final):
+    """`(buffer, next history)`: what the offline decode's padded input holds around this chunk, `[B, L + R + S +
+    R, C]` for left/right padding L/R: later calls put the history (the last L + R inputs) then the inputs; the
+    first puts the left padding then the inputs (offset L, so its outputs start at the true start); the last puts
+    the right padding after the last valid input."""
+    batch, slots, channels = x_BxSxC.shape
     left, right = layer.left, layer.right
-    if final and cfg.pad_mode != "reflect":
-        x_BxSxC = _valid(x_BxSxC, count)
-    if start:
-        pad = (x_BxSxC[:, 1: left + 1][:, ::-1] if cfg.pad_mode == "reflect"
-               else jnp.zeros((batch, left, channels), x_BxSxC.dtype))
-        history = jnp.concatenate([jnp.zeros((batch, right, channels), x_BxSxC.dtype), pad], axis=1)
-    buffer = jnp.concatenate([history, x_BxSxC, jnp.zeros((batch, right, channels), x_BxSxC.dtype)], axis=1)
-    end = left + right + count  # buffer index just past the last valid input
-    if final and right and cfg.pad_mode == "reflect":
+    zeros = functools.partial(jnp.zeros, dtype=x_BxSxC.dtype)
+    if cfg.pad_mode == "reflect":
+        pad = x_BxSxC[:, 1: left + 1][:, ::-1]
+    else:
+        pad = zeros((batch, left, channels))
+        x_BxSxC = _valid(x_BxSxC, count)  # the slots after the last input are the right padding's zeros
+    head = jnp.where(start, jnp.concatenate([pad, zeros((batch, right, channels))], axis=1), history)
+    offset = jnp.where(start, left, left + right)  # buffer index of the chunk's first input
+    buffer = jnp.concatenate([head, zeros((batch, slots + right, channels))], axis=1)
+    buffer = jax.lax.dynamic_update_slice_in_dim(buffer, x_BxSxC, offset, axis=1)
+    end = offset + count  # buffer index just past the last valid input
+    if right and cfg.pad_mode == "reflect":
         mirrored = jnp.take(buffer, end - 2 - jnp.arange(right), axis=1)
-        buffer = jax.lax.dynamic_update_slice_in_dim(buffer, mirrored, end, axis=1)
-    return buffer, jax.lax.dynamic_slice_in_dim(buffer, count, left + right, axis=1)
+        after = jnp.where(final, mirrored, jax.lax.dynamic_slice_in_dim(buffer, end, right, axis=1))
+        buffer = jax.lax.dynamic_update_slice_in_dim(buffer, after, end, axis=1)
+    return buffer, jax.lax.dynamic_slice_in_dim(buffer, end - left - right, left + right, axis=1)
 
 
 def _lstm_masked(x_BxSxD, lstm_params, states, count, num_layers: int):
@@ -179,23 +184,22 @@ def _lstm_masked(x_BxSxD, lstm_params, states, count, num_layers: int):
     return h_seq + x_BxSxD, tuple(after)
 
 
-def _layer_step(layer: StreamLayer, cfg: CodecConfig, params, x, count, state, start: bool, final: bool):
-    """One layer on a chunk `x [B, S, C]` (`count` slots valid): `(outputs [B, S', C'], state after)`; the valid
-    outputs are the first `count_after(...)` slots."""
-    if layer.kind == "lstm":
-        if start:
-            zeros = jnp.zeros((x.shape[0], x.shape[-1]), x.dtype)
-            state = tuple((zeros, zeros) for _ in range(layer.lstm_layers))
+def _layer_step(layer: StreamLayer, cfg: CodecConfig, params, x, count, state, start, final):
+    """One layer on a chunk `x [B, S, C]` (`count` slots valid) from its `state` (`initial_state`'s at the start):
+    `(outputs [B, S', C'], state after)`; the valid outputs are the first `count_after(...)` slots."""
+    if layer.kind == "lstm":  # the initial state is zeros, the LSTM's own
         return _lstm_masked(x, params, state, count, layer.lstm_layers)
     if layer.kind == "convtr":
         x = _valid(x, count)
         y = conv_transpose_full(jax.nn.elu(x) if layer.elu else x, params["kernel"].astype(x.dtype), layer.stride)
         overlap = layer.kernel - layer.stride
-        if not start:
-            y = jnp.concatenate([y[:, :overlap] + state, y[:, overlap:]], axis=1)
+        y = jnp.concatenate([y[:, :overlap] + state, y[:, overlap:]], axis=1)  # the initial tail is zeros
         tail = jax.lax.dynamic_slice_in_dim(y, count * layer.stride, overlap, axis=1)
         y = y + params["bias"].astype(y.dtype)
-        return (y[:, layer.left:] if start else y), tail
+        if layer.left:  # the first call drops the samples the offline decode trims off the start
+            y = jnp.concatenate([y, jnp.zeros((y.shape[0], layer.left, y.shape[2]), y.dtype)], axis=1)
+            y = jax.lax.dynamic_slice_in_dim(y, jnp.where(start, layer.left, 0), y.shape[1] - layer.left, axis=1)
+        return y, tail
     buffer, history = _padded_history(layer, cfg, x, count, state, start, final)
     if layer.kind == "conv":
         y = _conv(jax.nn.elu(buffer) if layer.elu else buffer, params["kernel"], params["bias"], layer.dilation)
@@ -206,19 +210,37 @@ def _layer_step(layer: StreamLayer, cfg: CodecConfig, params, x, count, state, s
         if not cfg.true_skip:
             shortcut = _conv(shortcut, params["shortcut"]["kernel"], params["shortcut"]["bias"])
         y = shortcut + h
-    return (y[:, layer.right:] if start else y), history
+    return y, history
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "start", "final"))
-def _decode_step(params, state, codes_BxKxS: jax.Array, count: jax.Array, *, cfg: CodecConfig, start: bool,
-                 final: bool):
-    """Codes `[B, K, S]` (the first `count` valid) through every decoder layer from `state` (None at the start):
-    `(state after, audio [B, N, C] whose first count_after(...) samples are valid)`."""
+def initial_state(cfg: CodecConfig, params, batch: int) -> tuple:
+    """Zeros shaped as each layer's state: conv/res history `[B, L + R, C_in]` (replaced by the left padding on the
+    first call), transposed-conv tail `[B, kernel - stride, C_out]`, LSTM `(h, c)` `[B, D]` per LSTM layer."""
+    state = []
+    for layer in stream_layers(cfg):
+        p = params["decoder"][f"layers_{layer.index}"]
+        if layer.kind == "lstm":
+            zeros = jnp.zeros((batch, p["w_hh_0"].shape[0]), jnp.float32)
+            state.append(tuple((zeros, zeros) for _ in range(layer.lstm_layers)))
+        elif layer.kind == "convtr":
+            state.append(jnp.zeros((batch, layer.kernel - layer.stride, p["kernel"].shape[2]), jnp.float32))
+        else:
+            channels = (p["kernel"] if layer.kind == "conv" else p["block_1"]["kernel"]).shape[1]
+            state.append(jnp.zeros((batch, layer.left + layer.right, channels), jnp.float32))
+    return tuple(state)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _decode_step(params, state, codes_BxKxS: jax.Array, count: jax.Array, start: jax.Array, final: jax.Array, *,
+                 cfg: CodecConfig):
+    """Codes `[B, K, S]` (the first `count` valid) through every decoder layer from `state`; `start`/`final`:
+    whether this is the stream's first/last call. `(state after, audio [B, N, C] whose first count_after(...)
+    samples are valid)`."""
     x = EncodecModel(cfg).apply({"params": params}, codes_BxKxS, method=lambda m, c: m.quantizer.decode(c))
     after = []
     for position, layer in enumerate(stream_layers(cfg)):
         x, layer_state = _layer_step(layer, cfg, params["decoder"][f"layers_{layer.index}"], x, count,
-                                     None if start else state[position], start, final)
+                                     state[position], start, final)
         after.append(layer_state)
         count = count_after(layer, count, start, final)
     return tuple(after), x
@@ -229,8 +251,8 @@ class StreamingDecoder:
     the decoder's right context is known; `push(..., final=True)` flushes the rest. The pieces' audio concatenated
     is `codec.decode(all codes)` (float32 round-off: the same convolutions on spans of other lengths).
 
-    `chunk_frames`: the frames one compiled call decodes (a push of up to that many frames is one call; smaller
-    pushes use the same program). A stream shorter than `min_start_frames` is decoded offline at the end."""
+    `chunk_frames`: the frame slots of the one compiled program (a push of up to that many frames is one call,
+    a longer one several). A stream shorter than `min_start` frames is decoded offline at the end."""
 
     def __init__(self, codec: Codec, batch: int, chunk_frames: int = 16):
         cfg = codec.config
@@ -238,11 +260,11 @@ class StreamingDecoder:
         self.min_start = min_start_frames(cfg)
         self.chunk_frames = max(int(chunk_frames), self.min_start)
         self.lag = lag_samples(cfg)
-        self.pending = np.zeros((batch, cfg.n_q, 0), np.int32)  # codes pushed, not yet decoded
-        self.state: Optional[tuple] = None                       # None: nothing decoded yet
+        self.pending = np.zeros((batch, cfg.n_q, 0), np.int32)      # codes pushed, not yet decoded
+        self.state: Optional[tuple] = None                           # None: no call made yet
         self.audio = np.zeros((batch, cfg.channels, 0), np.float32)  # decoded samples not yet returned
-        self.known = 0             # frames pushed
-        self.returned = 0          # frames whose audio has been returned
+        self.known = 0     # frames pushed
+        self.returned = 0  # frames whose audio has been returned
 
     @property
     def lookahead_frames(self) -> int:
@@ -255,13 +277,11 @@ class StreamingDecoder:
         codes = np.asarray(self.codec._check_codes(codes_BxKxT))
         self.pending = np.concatenate([self.pending, codes], axis=-1)
         self.known += codes.shape[-1]
-        hop = self.config.hop_length
         if self.state is None and self.pending.shape[-1] < self.min_start:
             if not final or self.known == 0:
                 return np.zeros((self.batch, self.config.channels, 0), np.float32)
             wav = np.asarray(self.codec.decode(self.pending), np.float32)  # too short to start a stream
-            self.pending = self.pending[:, :, :0]
-            self.returned = self.known
+            self.pending, self.returned = self.pending[:, :, :0], self.known
             return wav
         pieces = []
         while True:
@@ -270,10 +290,12 @@ class StreamingDecoder:
             if frames == 0 and not last:
                 break
             start = self.state is None
+            if start:
+                self.state = initial_state(self.config, self.codec.params, self.batch)
             slots = np.zeros((self.batch, self.config.n_q, self.chunk_frames), np.int32)
             slots[:, :, :frames] = self.pending[:, :, :frames]
-            self.state, wav = _decode_step(self.codec.params, self.state, slots, np.int32(frames), cfg=self.config,
-                                           start=start, final=last)
+            self.state, wav = _decode_step(self.codec.params, self.state, slots, np.int32(frames), np.bool_(start),
+                                           np.bool_(last), cfg=self.config)
             valid = frames
             for layer in stream_layers(self.config):
                 valid = count_after(layer, valid, start, last)
@@ -284,7 +306,7 @@ class StreamingDecoder:
         if pieces:
             self.audio = np.concatenate([self.audio] + [np.asarray(p).transpose(0, 2, 1) for p in pieces], axis=-1)
         frames_out = self.known if final else max(self.returned, self.known - self.lookahead_frames)
-        take = (frames_out - self.returned) * hop
+        take = (frames_out - self.returned) * self.config.hop_length
         wav, self.audio = self.audio[:, :, :take], self.audio[:, :, take:]
         self.returned = frames_out
         return np.ascontiguousarray(wav)

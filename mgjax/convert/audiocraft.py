@@ -27,6 +27,7 @@ import re
 from typing import Any, Mapping
 
 from mgjax import checkpoint
+from mgjax.conditioning.fuser import takes_melody
 from mgjax.config import ConfigError, MusicGenConfig, to_dict
 from mgjax.convert.audiocraft_config import (cfg_get, codec_config_from_audiocraft, lm_config_from_audiocraft,
                                              parse_xp_cfg)
@@ -201,6 +202,6 @@ def convert_audiocraft(src_dir: str, dst_dir: str, *, t5_dir: str | None = None,
               "text": text_params,
               "lm": matching(f"the weights in {LM_FILE} do not match their xp.cfg", lm_params_from_hf, hf_state,
                              lm_config)}
-    kind = "musicgen_melody" if lm_config.conditioning == "prepend" else "musicgen"
+    kind = "musicgen_melody" if takes_melody(lm_config) else "musicgen"
     return checkpoint.save(dst_dir, "musicgen", to_dict(model_config), params, source=f"audiocraft:{kind}",
                            tokenizer_files=tokenizer, overwrite=overwrite)

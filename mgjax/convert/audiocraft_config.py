@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from mgjax.conditioning.fuser import FUSERS
 from mgjax.config import CodecConfig, ConfigError, LMConfig
 from mgjax.convert.io import ConversionError
 from mgjax.lm.patterns import pattern_from_config
@@ -189,11 +190,12 @@ def lm_config_from_audiocraft(cfg: Mapping) -> LMConfig:
     _expect(cfg, f"{lm}.causal", (True,), True, "the decoder is causal")
     _expect(cfg, f"{lm}.past_context", (None,), None, "windowed attention is not implemented")
     conditioning = _conditioning(cfg)
-    if conditioning == "prepend" and cfg_get(cfg, f"{lm}.cross_attention", False):
+    fuser = FUSERS[conditioning]
+    if not fuser.cross_attention and cfg_get(cfg, f"{lm}.cross_attention", False):
         raise ConversionError("unsupported audiocraft setting transformer_lm.cross_attention=True with a "
                               "prepend-only fuser")
     dim, n_q = int(cfg_get(cfg, f"{lm}.dim")), int(cfg_get(cfg, f"{lm}.n_q"))
-    extra = _chroma_settings(cfg) if conditioning == "prepend" else {}
+    extra = _chroma_settings(cfg) if fuser.takes_melody else {}
     try:
         config = LMConfig(dim=dim, num_layers=int(cfg_get(cfg, f"{lm}.num_layers")),
                           num_heads=int(cfg_get(cfg, f"{lm}.num_heads")),

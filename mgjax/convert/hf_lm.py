@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mgjax.conditioning.fuser import fuser_for
 from mgjax.config import ConfigError, LMConfig
 from mgjax.convert.maps import LINEAR, Entry, linear, to_params, to_state
 
@@ -68,8 +69,10 @@ def lm_entries(cfg: LMConfig, *, text_projection: bool = True) -> list[Entry]:
     """The decoder's weight map over a full `Musicgen[Melody]ForConditionalGeneration` state dict.
 
     `text_projection=False` leaves out `enc_to_dec_proj` (transformers has none when the text and decoder widths
-    are equal); its input width is whatever the checkpoint holds.
+    are equal); its input width is whatever the checkpoint holds. The condition projections and whether the layers
+    cross-attend come from the condition fuser (`mgjax.conditioning.fuser`), under the same names in both trees.
     """
+    fuser = fuser_for(cfg)
     D, H, Dh, F, L, K = cfg.dim, cfg.num_heads, cfg.head_dim, cfg.ffn_dim, cfg.num_layers, cfg.num_codebooks
     layer = f"{DECODER}layers.{{i}}."
     entries = [Entry("embed/embedding", f"{DECODER}embed_tokens.{{i}}.weight", shape=(cfg.card + 1, D), stack=K),
@@ -80,17 +83,16 @@ def lm_entries(cfg: LMConfig, *, text_projection: bool = True) -> list[Entry]:
                Entry("layers/ffn/fc1", f"{layer}fc1.weight", LINEAR, (D, F), L),
                Entry("layers/ffn/fc2", f"{layer}fc2.weight", LINEAR, (F, D), L)]
     attentions = {"self_attn": "self_attn"}
-    if cfg.conditioning == "cross":
+    if fuser.cross_attention:
         attentions["cross_attn"] = "encoder_attn"
         entries += _layer_norm("layers/cross_attn_norm", f"{layer}encoder_attn_layer_norm", D, L)
     for ours, theirs in attentions.items():
         entries += [Entry(f"layers/{ours}/{x}_proj", f"{layer}{theirs}.{x}_proj.weight", LINEAR, (D, H, Dh), L)
                     for x in "qkv"]
         entries.append(Entry(f"layers/{ours}/out_proj", f"{layer}{theirs}.out_proj.weight", linear(2), (H, Dh, D), L))
-    if text_projection:
-        entries += _projection("enc_to_dec_proj", None, D)
-    if cfg.conditioning == "prepend":
-        entries += _projection("audio_enc_to_dec_proj", cfg.num_chroma, D)
+    for name, in_dim in fuser.projections(cfg).items():
+        if text_projection or name != "enc_to_dec_proj":
+            entries += _projection(name, in_dim, D)
     return entries
 
 

@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 
 import mgjax
 from mgjax import checkpoint
+from mgjax.conditioning.fuser import takes_melody
 from mgjax.config import MusicGenConfig
 from mgjax.convert.export_encodec import codec_config_to_hf, codec_state_from_params
 from mgjax.convert.export_t5 import t5_config_to_hf, t5_state_from_params
@@ -68,7 +69,7 @@ def musicgen_config_to_hf(config: MusicGenConfig) -> Any:
                    audio_channels=lm.audio_channels, pad_token_id=lm.card, bos_token_id=lm.card)
     parts = dict(text_encoder=transformers.T5Config(**t5_config_to_hf(config.text)),
                  audio_encoder=transformers.EncodecConfig(**codec_config_to_hf(config.codec)))
-    if lm.conditioning == "prepend":
+    if takes_melody(lm):
         return transformers.MusicgenMelodyConfig(decoder=transformers.MusicgenMelodyDecoderConfig(**decoder),
                                                  num_chroma=lm.num_chroma, chroma_length=lm.chroma_length, **parts)
     return transformers.MusicgenConfig(decoder=transformers.MusicgenDecoderConfig(**decoder), **parts)

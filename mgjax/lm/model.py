@@ -3,7 +3,7 @@
 Entry points (all through `MusicGenLM(config).apply(params, ..., method=...)`):
 
     logits = lm(codes, cond, cond_mask, chroma=None)              # teacher-forced, [B, K, S, card] float32
-    conds = lm.encode_conditions(cond, cond_mask, chroma=None)    # {'states': [B, Lc, D], 'mask': [B, Lc] bool}
+    conds = lm.encode_conditions(cond, cond_mask, chroma=None)    # the fuser's Conditions(prefix, cross, cross_mask)
     logits = lm.forward(codes, conds)                             # teacher-forced from encoded conditions
     cache = lm.prefill(cond, cond_mask, chroma=None, max_length=S, codes=None)   # prefill mode: conditions
                                                                   # (and the prompt's columns) into an empty cache
@@ -12,11 +12,12 @@ Entry points (all through `MusicGenLM(config).apply(params, ..., method=...)`):
 
 The three modes (train, prefill, decode) are the layers' three methods (`mgjax.lm.transformer`).
 
-Conditioning: 'cross' attends to `conds['states']` in every layer (key padding masked by `conds['mask']`, as
-transformers does); 'prepend' (melody) puts `conds['states']` = concat(projected chroma, projected text) before
-the code embeddings and drops the prefix logits. In both, the projected text is zeroed where the mask is 0
-(after the projection, bias included). A CFG sampler builds its null condition by zeroing `conds` (zero states,
-zero mask), the same as transformers' generate.
+Conditioning: the condition fuser (`mgjax.conditioning.fuser`, chosen by `lm.conditioning`) turns the text states
+(and a melody's chroma) into `Conditions(prefix, cross, cross_mask)`. The LM knows only those: a prefix `[B, P, D]`
+goes before the code embeddings (sinusoids over all P + S positions) and its logits are dropped; cross states
+`[B, Lc, D]` are attended to by every layer, key padding masked by cross_mask. The fuser's projections are params
+of this module's own scope (`enc_to_dec_proj`, `audio_enc_to_dec_proj`). A CFG sampler builds its null condition
+before the fuser (zero text states, zero mask, the null chroma), the same as transformers' generate.
 
 KV cache: `mgjax.lm.kv_cache` documents the structure (stacked `[L, B, S, H*Dh]` self-attention keys/values,
 the cross-attention's, the write index), its logical axes (`CACHE_AXES`) and the CPU's per-layer layout
@@ -27,19 +28,18 @@ The projections, feed-forward, heads and that decoding layout come in two formul
 """
 from __future__ import annotations
 
-import math
-
 import chex
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mgjax.conditioning.fuser import Conditions, fuser_for, uses_cross_attention
 from mgjax.config import LMConfig
 from mgjax.kernels.cpu import decode_layers_one_by_one
 from mgjax.kernels.select import kernels_for
 from mgjax.lm import kv_cache as kvs
-from mgjax.lm.transformer import (DecoderLayer, LayerNorm, default_init, param_with_axes, project, quantize_weight,
-                                  scanned_layers, sinusoidal_positions)
+from mgjax.lm.transformer import (DecoderLayer, LayerNorm, param_with_axes, project, quantize_weight, scanned_layers,
+                                  sinusoidal_positions)
 
 Array = jax.Array
 
@@ -80,19 +80,6 @@ class CodebookHeads(nn.Module):
         return kernels_for(c.kernels).codebook_heads(x.astype(dtype), kernel.astype(dtype))
 
 
-def projection(config: LMConfig, name: str) -> nn.Dense:
-    """Dense with bias from a condition width to `dim` (`enc_to_dec_proj`, `audio_enc_to_dec_proj`)."""
-    return nn.Dense(config.dim, use_bias=True, dtype=jnp.dtype(config.compute_dtype), param_dtype=jnp.float32,
-                    kernel_init=nn.with_logical_partitioning(default_init, (None, "embed")),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name=name)
-
-
-def tile_to_length(x: Array, length: int) -> Array:
-    """`[B, F, C]` -> `[B, length, C]`: repeated whole when shorter, truncated when longer (transformers' melody)."""
-    repeats = math.ceil(length / x.shape[1])
-    return jnp.tile(x, (1, repeats, 1))[:, :length]
-
-
 class MusicGenLM(nn.Module):
     """MusicGen decoder; see the module docstring for the methods and the cache layout."""
 
@@ -100,17 +87,13 @@ class MusicGenLM(nn.Module):
 
     def setup(self):
         c = self.config
+        fuser = fuser_for(c)
         self.embed = CodebookEmbed(c)
-        self.enc_to_dec_proj = projection(c, "enc_to_dec_proj")
-        if c.conditioning == "prepend":
-            self.audio_enc_to_dec_proj = projection(c, "audio_enc_to_dec_proj")
-        self.layers = scanned_layers(c)
+        self.fuser = fuser(c)
+        nn.share_scope(self, self.fuser)  # its projections are this module's params (enc_to_dec_proj, ...)
+        self.layers = scanned_layers(c, cross_attention=fuser.cross_attention)
         self.final_norm = LayerNorm(c.layer_norm_eps, jnp.dtype(c.compute_dtype))
         self.heads = CodebookHeads(c)
-
-    @property
-    def prepend(self) -> bool:
-        return self.config.conditioning == "prepend"
 
     def __call__(self, codes: Array, cond: Array | None, cond_mask: Array | None, *, chroma: Array | None = None,
                  position_offset: int | Array = 0) -> Array:
@@ -120,34 +103,11 @@ class MusicGenLM(nn.Module):
                             position_offset=position_offset)
 
     def encode_conditions(self, cond: Array | None, cond_mask: Array | None, *,
-                          chroma: Array | None = None) -> dict[str, Array]:
-        """Projects the conditions to the model width.
-
-        cond `[B, L, Dc]` (or None: no text), cond_mask `[B, L]` (None: all valid), chroma `[B, F, num_chroma]`
-        (prepend only; None: transformers' default, a one-hot on bin 0). Returns
-        `{'states': [B, Lc, D], 'mask': [B, Lc] bool}`; for prepend Lc = chroma_length + L and the mask is all
-        True (transformers does not mask the prefix in self-attention; padded text is zeros there).
-        """
-        c = self.config
-        parts, masks = [], []
-        if self.prepend:
-            if chroma is None:
-                if cond is None:
-                    raise ValueError("MusicGenLM needs a text condition (cond) or, for prepend models, chroma")
-                chroma = jnp.zeros((cond.shape[0], 1, c.num_chroma), jnp.float32).at[:, :, 0].set(1.0)
-            chex.assert_shape(chroma, (None, None, c.num_chroma))
-            parts.append(tile_to_length(self.audio_enc_to_dec_proj(chroma), c.chroma_length))
-            masks.append(jnp.ones(parts[-1].shape[:2], bool))
-        if cond is not None:
-            if cond_mask is None:
-                cond_mask = jnp.ones(cond.shape[:2], bool)
-            chex.assert_equal_shape_prefix([cond, cond_mask], 2)
-            cond_mask = cond_mask.astype(bool)
-            parts.append(self.enc_to_dec_proj(cond) * cond_mask[..., None].astype(jnp.dtype(c.compute_dtype)))
-            masks.append(jnp.ones_like(cond_mask) if self.prepend else cond_mask)
-        if not parts:
-            raise ValueError("MusicGenLM needs a text condition (cond) or, for prepend models, chroma")
-        return {"states": jnp.concatenate(parts, axis=1), "mask": jnp.concatenate(masks, axis=1)}
+                          chroma: Array | None = None) -> Conditions:
+        """The fuser (`mgjax.conditioning.fuser`): cond `[B, L, Dc]` text states (or None: no text), cond_mask
+        `[B, L]` (None: all valid), chroma `[B, F, num_chroma]` (melody models; None: the null melody) ->
+        `Conditions(prefix [B, P, D], cross [B, Lc, D], cross_mask [B, Lc])`, each None where the fuser gives none."""
+        return self.fuser(cond, cond_mask, chroma)
 
     def embed_codes(self, codes: Array, positions: Array) -> Array:
         """codes `[B, K, T]`, positions `[T]` -> `[B, T, D]` (embeddings + sinusoids)."""
@@ -160,43 +120,42 @@ class MusicGenLM(nn.Module):
         """Final norm + heads: `[B, T, D]` -> `[B, K, T, card]` float32."""
         return self.heads(self.final_norm(x))
 
-    def forward(self, codes: Array, conds: dict[str, Array], *, position_offset: int | Array = 0) -> Array:
+    def forward(self, codes: Array, conds: Conditions, *, position_offset: int | Array = 0) -> Array:
         """Teacher-forced logits: codes `[B, K, S]`, conds from `encode_conditions` -> `[B, K, S, card]`."""
-        seq = codes.shape[-1]
-        if self.prepend:
-            states = conds["states"].astype(jnp.dtype(self.config.compute_dtype))
-            prefix = states.shape[1]
-            x = jnp.concatenate([states + sinusoidal_positions(position_offset + jnp.arange(prefix),
-                                                               self.config.dim).astype(states.dtype),
-                                 self.embed_codes(codes, position_offset + prefix + jnp.arange(seq))], axis=1)
-            x = self.run_layers(x, None, None)
-            return self.logits(x[:, prefix:])
-        x = self.embed_codes(codes, position_offset + jnp.arange(seq))
-        x = self.run_layers(x, conds["states"], conds["mask"])
-        return self.logits(x)
+        prefix = conds.prefix_length
+        x = self.embed_codes(codes, position_offset + prefix + jnp.arange(codes.shape[-1]))
+        if prefix:
+            x = jnp.concatenate([self.positioned_prefix(conds.prefix, position_offset), x], axis=1)
+        x = self.run_layers(x, conds.cross, conds.cross_mask)
+        return self.logits(x[:, prefix:] if prefix else x)
 
-    def run_layers(self, x: Array, cond: Array | None, cond_mask: Array | None) -> Array:
+    def positioned_prefix(self, prefix: Array, position_offset: int | Array = 0) -> Array:
+        """The fuser's prefix `[B, P, D]` in the compute dtype with the sinusoids of its positions added."""
+        prefix = prefix.astype(jnp.dtype(self.config.compute_dtype))
+        positions = position_offset + jnp.arange(prefix.shape[1])
+        return prefix + sinusoidal_positions(positions, self.config.dim).astype(prefix.dtype)
+
+    def run_layers(self, x: Array, cross: Array | None, cross_mask: Array | None) -> Array:
         """The layer stack in train mode (teacher-forced, no cache): `[B, T, D]` -> `[B, T, D]`."""
-        x, _ = self.layers(x, cond, cond_mask)
+        x, _ = self.layers(x, cross, cross_mask)
         return x
 
-    def init_cache(self, conds: dict[str, Array], max_length: int, codes: Array | None = None) -> dict[str, Array]:
-        """A cache for `max_length` code columns after the conditions (cross K/V computed once; a prepend prefix
-        run in prefill mode) and `codes` `[B, K, T]` (the prompt's first T columns, or None), also prefilled."""
+    def init_cache(self, conds: Conditions, max_length: int, codes: Array | None = None) -> dict[str, Array]:
+        """A cache for `max_length` code columns after the conditions (cross K/V computed once; a prefix run in
+        prefill mode) and `codes` `[B, K, T]` (the prompt's first T columns, or None), also prefilled."""
         c = self.config
         dtype = jnp.dtype(c.compute_dtype)
-        states = conds["states"].astype(dtype)
-        batch, prefix = states.shape[0], (states.shape[1] if self.prepend else 0)
-        cache = dict(kvs.empty_self_attention(c.num_layers, batch, prefix + max_length, c.num_heads, c.head_dim,
-                                              dtype), index=jnp.zeros((), jnp.int32))
+        prefix = conds.prefix_length
+        cache = dict(kvs.empty_self_attention(c.num_layers, conds.batch, prefix + max_length, c.num_heads,
+                                              c.head_dim, dtype), index=jnp.zeros((), jnp.int32))
         cross, cross_mask = None, None
-        if not self.prepend:
-            _, cross = self.layers.cross_key_value(states)
-            cross, cross_mask = kvs.constrain_cross(cross), conds["mask"].astype(bool)
+        if conds.cross is not None:
+            _, cross = self.layers.cross_key_value(conds.cross.astype(dtype))
+            cross, cross_mask = kvs.constrain_cross(cross), conds.cross_mask.astype(bool)
             cache.update(cross_k=cross["k"], cross_v=cross["v"], cross_mask=cross_mask)
         parts = []
-        if self.prepend:
-            parts.append(states + sinusoidal_positions(jnp.arange(prefix), c.dim).astype(dtype))
+        if prefix:
+            parts.append(self.positioned_prefix(conds.prefix))
         if codes is not None and codes.shape[-1]:
             parts.append(self.embed_codes(codes, prefix + jnp.arange(codes.shape[-1])))
         if not parts:
@@ -222,8 +181,8 @@ class MusicGenLM(nn.Module):
         index = cache["index"]
         seq = codes.shape[-1]
         x = self.embed_codes(codes, index + jnp.arange(seq))
-        cross = None if self.prepend else {"k": cache["cross_k"], "v": cache["cross_v"]}
-        mask = None if self.prepend else cache["cross_mask"]
+        cross = {"k": cache["cross_k"], "v": cache["cross_v"]} if "cross_k" in cache else None
+        mask = cache.get("cross_mask")
         kv = {"k": cache["k"], "v": cache["v"]}
         if layer_params is None:
             (x, kv, _), _ = self.layers.decode((x, kv, jnp.zeros((), jnp.int32)), cross, mask, index)
@@ -232,10 +191,20 @@ class MusicGenLM(nn.Module):
         return self.logits(x), dict(cache, index=index + seq, **kv)
 
 
+def boxed_lm_params(config: LMConfig, text_dim: int, key: jax.Array) -> dict:
+    """Random LM params as `init` returns them (logically partitioned boxes), for text states `text_dim` wide: the
+    one LM init of inference (`mgjax.api`) and training (`mgjax.training`). A dummy batch of one step fixes the
+    shapes (a melody model's chroma projection is made on the null melody)."""
+    codes = jnp.zeros((1, config.num_codebooks, 1), jnp.int32)
+    text = jnp.zeros((1, 1, text_dim), jnp.float32)
+    return MusicGenLM(config).init(key, codes, text, jnp.ones((1, 1), bool))["params"]
+
+
 def _layer_applier(config: LMConfig, cross_mask: Array | None, index: Array):
     """`apply_layer(params, x, kv, cross) -> (x, kv)` for `decode_layers_one_by_one`: one cached `DecoderLayer` on
     its own params and cache (shapes as `DecoderLayer.__call__` with a per-layer cache)."""
-    layer = DecoderLayer(config, own_cache=True, parent=None)  # on its own params, not a submodule of the caller
+    layer = DecoderLayer(config, own_cache=True, cross_attention=uses_cross_attention(config),
+                         parent=None)  # on its own params, not a submodule of the caller
 
     def apply_layer(params, x, kv, cross):
         (x, kv, _), _ = layer.apply({"params": params}, (x, kv, jnp.zeros((), jnp.int32)), cross, cross_mask, index,

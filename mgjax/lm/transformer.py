@@ -192,17 +192,20 @@ class DecoderLayer(nn.Module):
 
     One method per mode (see the module docstring): `__call__` (train), `prefill`, `decode`. `own_cache`: decode
     on this layer's own cache `[B, H, S, Dh]` (`kvs.split_by_layer`, the CPU's layout) instead of the stacked one.
+    `cross_attention`: the layer holds the cross-attention block (the condition fuser's
+    `cross_attention`, `mgjax.conditioning.fuser`); it runs whenever cross states are given.
     """
 
     config: LMConfig
     own_cache: bool = False
+    cross_attention: bool = False
 
     def setup(self):
         c = self.config
         dtype = jnp.dtype(c.compute_dtype)
         self.self_attn_norm = LayerNorm(c.layer_norm_eps, dtype)
         self.self_attn = Attention(c)
-        if c.conditioning == "cross":
+        if self.cross_attention:
             self.cross_attn_norm = LayerNorm(c.layer_norm_eps, dtype)
             self.cross_attn = Attention(c)
         self.ffn_norm = LayerNorm(c.layer_norm_eps, dtype)
@@ -283,7 +286,7 @@ class DecoderLayer(nn.Module):
         k, v = tag(constrain(k, HEAD_AXES), "key"), tag(constrain(v, HEAD_AXES), "value")
         attended = tag(constrain(self_attention(q, k, v), HEAD_AXES), "attention")
         x = x + tag(constrain(self.self_attn.output(attended), EMBED_AXES), "self_attention_out")
-        if self.config.conditioning == "cross" and cross is not None:
+        if cross is not None:
             attended = cross(self.cross_attn.query(self.cross_attn_norm(x)))
             x = x + tag(constrain(self.cross_attn.output(attended), EMBED_AXES), "cross_attention_out")
         return x + tag(constrain(self.ffn(self.ffn_norm(x)), EMBED_AXES), "mlp_out")
@@ -294,8 +297,9 @@ class DecoderLayer(nn.Module):
         return cond, {"k": k, "v": v}
 
 
-def scanned_layers(config: LMConfig, name: str = "layers") -> nn.Module:
-    """The `config.num_layers` decoder layers as one `nn.scan` (params stacked on a leading 'layers' axis).
+def scanned_layers(config: LMConfig, name: str = "layers", *, cross_attention: bool = False) -> nn.Module:
+    """The `config.num_layers` decoder layers as one `nn.scan` (params stacked on a leading 'layers' axis), with
+    cross-attention blocks when `cross_attention`.
 
     Scanned methods (see `DecoderLayer`): `__call__(x, cond, cond_mask)` (train; remat applies here),
     `prefill((x, cache, layer), cross_kv, cross_mask)` and `decode((x, cache, layer), cross_kv, cross_mask, index)`
@@ -313,4 +317,4 @@ def scanned_layers(config: LMConfig, name: str = "layers") -> nn.Module:
         "decode": dict(common, in_axes=(0, nn.broadcast, nn.broadcast)),
         "cross_key_value": dict(common, in_axes=()),
     }
-    return nn.scan(layer, methods=methods)(config, name=name)
+    return nn.scan(layer, methods=methods)(config, cross_attention=cross_attention, name=name)
