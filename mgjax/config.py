@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "pallas", "pallas_interpret", "cudnn")
 KERNELS = ("auto", "cpu", "plain")
+CONDITIONINGS = ("cross", "prepend")  # the condition fusers' names (`mgjax.conditioning.fuser.FUSERS`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +114,8 @@ class LMConfig:
     pattern_group_size: int = 2  # musiclm pattern (audiocraft's group_by)
     pattern_flatten_first: int = 0  # delay pattern: the first N timesteps one codebook per step
     pattern_empty_initial: int = 0  # delay / parallel: N extra empty steps after the leading one
-    # The condition fuser, a key of `mgjax.conditioning.fuser.FUSERS`: 'cross' (text by cross-attention) or
-    # 'prepend' (melody models: chroma + text prepended). Code asks the fuser (`takes_melody`, ...), not the string.
+    # The condition fuser, one of CONDITIONINGS (`mgjax.conditioning.fuser.FUSERS`): 'cross' (text by cross-attention)
+    # or 'prepend' (melody models: chroma + text prepended). Code asks the fuser (`takes_melody`, ...), not the string.
     conditioning: str = "cross"
     # 2: stereo (musicgen-stereo-*): each channel is coded by the mono codec and the codebooks interleave left/right,
     # [L0, R0, L1, R1, ...], so num_codebooks = 2 x codec.n_q
@@ -157,9 +158,8 @@ class LMConfig:
                               f"{self.num_heads}")
         if self.dim % self.num_heads:
             raise ConfigError(f"lm.dim={self.dim} is not divisible by lm.num_heads={self.num_heads}")
-        from mgjax.conditioning.fuser import FUSERS  # the fuser imports the layers, which import this module
-        if self.conditioning not in FUSERS:
-            raise ConfigError(f"lm.conditioning must be one of {', '.join(FUSERS)}, got {self.conditioning!r}")
+        if self.conditioning not in CONDITIONINGS:
+            raise ConfigError(f"lm.conditioning must be one of {', '.join(CONDITIONINGS)}, got {self.conditioning!r}")
         if self.pattern not in PATTERNS:
             raise ConfigError(f"unknown lm.pattern {self.pattern!r}; choose one of {', '.join(PATTERNS)}")
         try:

@@ -213,7 +213,7 @@ def _layer_step(layer: StreamLayer, cfg: CodecConfig, params, x, count, state, s
     return y, history
 
 
-def initial_state(cfg: CodecConfig, params, batch: int) -> tuple:
+def initial_state(params, *, cfg: CodecConfig, batch: int) -> tuple:
     """Zeros shaped as each layer's state: conv/res history `[B, L + R, C_in]` (replaced by the left padding on the
     first call), transposed-conv tail `[B, kernel - stride, C_out]`, LSTM `(h, c)` `[B, D]` per LSTM layer."""
     state = []
@@ -271,6 +271,13 @@ class StreamingDecoder:
         """Frames that must follow a frame before its audio can be returned (the latency the exact stream costs)."""
         return -(-self.lag // self.config.hop_length)
 
+    def _initial_state(self) -> tuple:
+        """`initial_state`, placed as the program's outputs will be (committed to the params' device when they are),
+        so that the second call reuses the first call's compiled program."""
+        state = initial_state(self.codec.params, cfg=self.config, batch=self.batch)
+        leaf = jax.tree.leaves(self.codec.params)[0]
+        return jax.device_put(state, leaf.sharding) if getattr(leaf, "committed", False) else state
+
     def push(self, codes_BxKxT, final: bool = False) -> np.ndarray:
         """Appends codes `[B, K, t]` (t may be 0); returns the float32 audio `[B, C, n]` now complete (n a multiple
         of the hop; 0 while the lookahead is not yet known)."""
@@ -291,7 +298,7 @@ class StreamingDecoder:
                 break
             start = self.state is None
             if start:
-                self.state = initial_state(self.config, self.codec.params, self.batch)
+                self.state = self._initial_state()
             slots = np.zeros((self.batch, self.config.n_q, self.chunk_frames), np.int32)
             slots[:, :, :frames] = self.pending[:, :, :frames]
             self.state, wav = _decode_step(self.codec.params, self.state, slots, np.int32(frames), np.bool_(start),
@@ -299,12 +306,13 @@ class StreamingDecoder:
             valid = frames
             for layer in stream_layers(self.config):
                 valid = count_after(layer, valid, start, last)
-            pieces.append(wav[:, :valid])
+            pieces.append((wav, valid))
             self.pending = self.pending[:, :, frames:]
             if last:
                 break
         if pieces:
-            self.audio = np.concatenate([self.audio] + [np.asarray(p).transpose(0, 2, 1) for p in pieces], axis=-1)
+            self.audio = np.concatenate(
+                [self.audio] + [np.asarray(wav)[:, :valid].transpose(0, 2, 1) for wav, valid in pieces], axis=-1)
         frames_out = self.known if final else max(self.returned, self.known - self.lookahead_frames)
         take = (frames_out - self.returned) * self.config.hop_length
         wav, self.audio = self.audio[:, :, :take], self.audio[:, :, take:]

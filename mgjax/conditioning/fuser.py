@@ -24,8 +24,9 @@ A fuser's params sit directly in the LM's param tree (`nn.share_scope`), under t
 
 A new condition is one new subclass: its `__call__`, `projections` (param name -> input width, which the weight
 maps read), the class flags `cross_attention` (the decoder layers then hold cross-attention) and `takes_melody`,
-and an entry in `FUSERS`. Code outside asks `fuser_for(config)`, `takes_melody(config)` or
-`uses_cross_attention(config)`, never the string.
+and an entry in `FUSERS` (its name also in `mgjax.config.CONDITIONINGS`, which config loading checks without
+JAX). Code outside asks `fuser_for(config)`, `takes_melody(config)` or `uses_cross_attention(config)`, never
+the string.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from mgjax.config import LMConfig
+from mgjax.config import CONDITIONINGS, LMConfig
 from mgjax.lm.transformer import default_init
 
 Array = jax.Array
@@ -141,6 +142,8 @@ class MelodyTextPrefix(ConditionFuser):
 
 
 FUSERS: dict[str, type[ConditionFuser]] = {"cross": TextCrossAttention, "prepend": MelodyTextPrefix}
+if tuple(FUSERS) != CONDITIONINGS:  # config.py validates lm.conditioning without importing JAX, by these names
+    raise ImportError(f"mgjax.config.CONDITIONINGS {CONDITIONINGS} must name the fusers {tuple(FUSERS)}")
 
 
 def fuser_for(config: LMConfig) -> type[ConditionFuser]:
