@@ -30,7 +30,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mgjax import sharding as sharding_lib
-from mgjax.config import MusicGenConfig, TrainConfig, to_dict
+from mgjax.config import LMConfig, MusicGenConfig, TrainConfig, to_dict
 from mgjax.lm.loss import codebook_cross_entropy
 from mgjax.lm.model import MusicGenLM, boxed_lm_params
 from mgjax.lm.patterns import Pattern, pattern_from_config
@@ -116,11 +116,16 @@ def programs(config: MusicGenConfig, mesh: jax.sharding.Mesh) -> Programs:
     return _programs(dataclasses.replace(config, train=dataclasses.replace(config.train, **host_only)), mesh)
 
 
+_PATTERN_FIELDS = ("pattern", "pattern_delays", "pattern_flattening", "pattern_group_size", "pattern_flatten_first",
+                   "pattern_empty_initial")
+
+
 def _init_key(config: MusicGenConfig) -> MusicGenConfig:
     """`config` with everything that does not shape the train state reset, so e.g. every pattern or compute dtype
     shares one init program."""
-    lm = dataclasses.replace(config.lm, pattern="delay", pattern_delays=(), pattern_flattening=(),
-                             pattern_group_size=1, compute_dtype="float32", remat=False)
+    lm_defaults = LMConfig()
+    lm = dataclasses.replace(config.lm, compute_dtype="float32", remat=False,
+                             **{name: getattr(lm_defaults, name) for name in _PATTERN_FIELDS})
     train = TrainConfig(train_text_encoder=config.train.train_text_encoder,
                         ema_decay=0.5 if config.train.ema_decay > 0 else 0.0,
                         grad_clip=1.0 if config.train.grad_clip > 0 else 0.0)

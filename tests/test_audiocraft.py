@@ -360,3 +360,16 @@ def test_pretrained_codec_reference_and_omegaconf_cfg_are_explained(sources, tmp
         del sys.modules["omegaconf"]
     with pytest.raises(ConversionError, match="pickled omegaconf object.*OmegaConf.to_yaml"):
         mgjax.convert_checkpoint(str(src), str(tmp_path / "out"), t5_dir=t5_dir)
+
+
+def test_pattern_settings_map_to_the_lm_pattern_keys():
+    """audiocraft's `flatten_first` / `empty_initial` become `lm.pattern_flatten_first` / `lm.pattern_empty_initial`
+    (they were refused before those keys existed); delays equal to the default are stored empty."""
+    from mgjax.convert.audiocraft_config import _pattern
+
+    delay = {"codebooks_pattern": {"modeling": "delay",
+                                   "delay": {"delays": [0, 1, 2, 3], "flatten_first": 2, "empty_initial": 1}}}
+    assert _pattern(delay, 4) == dict(pattern="delay", pattern_delays=(), pattern_flatten_first=2,
+                                      pattern_empty_initial=1)
+    parallel = {"codebooks_pattern": {"modeling": "parallel", "parallel": {"empty_initial": 3}}}
+    assert _pattern(parallel, 4) == dict(pattern="parallel", pattern_empty_initial=3)

@@ -149,16 +149,13 @@ def _pattern(cfg: Mapping, n_q: int, audio_channels: int = 1) -> dict:
         raise ConversionError("xp.cfg sets neither codebooks_pattern.modeling nor transformer_lm.q_modeling")
     sub = cfg_get(cfg, f"codebooks_pattern.{name}", None) or {}
     # sequences equal to the pattern's default are stored empty, as the transformers converter does
-    if name == "delay":
-        if sub.get("flatten_first", 0) or sub.get("empty_initial", 0):
-            raise ConversionError("unsupported audiocraft setting codebooks_pattern.delay.flatten_first/"
-                                  "empty_initial != 0")
+    if name in ("delay", "parallel"):  # lm.pattern_empty_initial=-1 (MAGNeT's) is refused by LMConfig, by name
+        extra = dict(pattern_empty_initial=int(sub.get("empty_initial", 0)))
+        if name == "parallel":
+            return dict(pattern="parallel", **extra)
         default = [k // audio_channels for k in range(n_q)]  # stereo: both channels' codebook k delayed by k
-        return dict(pattern="delay", pattern_delays=_unless(sub.get("delays"), default))
-    if name == "parallel":
-        if sub.get("empty_initial", 0):
-            raise ConversionError("unsupported audiocraft setting codebooks_pattern.parallel.empty_initial != 0")
-        return dict(pattern="parallel")
+        return dict(pattern="delay", pattern_delays=_unless(sub.get("delays"), default),
+                    pattern_flatten_first=int(sub.get("flatten_first", 0)), **extra)
     if name == "unroll":
         return dict(pattern="unroll", pattern_flattening=_unless(sub.get("flattening"), range(n_q)),
                     pattern_delays=_unless(sub.get("delays"), [0] * n_q))
