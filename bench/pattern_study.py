@@ -325,9 +325,6 @@ def initialize_distributed_once(runs: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from mgjax.runtime import keep_host_memory
-
-    keep_host_memory()  # as train.py: before JAX starts its threads
     import pattern_study_report as report
     from mgjax.config import ConfigError
 
@@ -378,4 +375,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from mgjax.runtime import keep_host_memory
+
+    keep_host_memory()  # as train.py does, before JAX starts its threads (not in-process callers such as tests)
     sys.exit(main())

@@ -227,8 +227,8 @@ def study_markdown(by_step: dict, variants: list[str], spread_of: dict, ref: dic
     spec = study["evaluation"]
     lines = [f"# Interleaving-pattern study ({len(summaries)} of {len(variants)} patterns evaluated at step {full})",
              "",
-             f"Every pattern: the same data, seed(s), optimizer and {any_s['total_steps']} steps, so the same number of "
-             f"training code tokens; compute per step grows with the LM positions a training clip becomes "
+             f"Every pattern: the same data, seed(s), optimizer and {any_s['total_steps']} steps, so the same "
+             f"number of training code tokens; compute per step grows with the LM positions a training clip becomes "
              f"(column 3: flattening lays each frame out as K positions). Held-out: {spec['captions']} captions of "
              f"(instrument, key) pairs never trained on, {spec['seconds']:g} s, top-k {spec['top_k']}, temperature "
              f"{spec['temperature']:g}, CFG {spec['cfg']:g}. Losses in nats per code: `valid loss` on the training "

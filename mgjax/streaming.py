@@ -9,8 +9,9 @@ batch rows of the mono codec, as `MusicGen.decode` does.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
+import queue
+import threading
 from typing import Callable, Iterator, Optional
 
 import jax
@@ -57,37 +58,64 @@ def stream_generation(mg, cond, mask, duration: float, sampling: SamplingConfig,
     """Yields `[B, C, n]` float32 chunks (n > 0) of `mg._generate_from_text_states(...)`'s audio, from T5 states
     `cond [B, L, D]` and `mask [B, L]`; the prompt's own audio comes first (as in `generate`'s output).
 
-    The decoder runs on its own thread (`decode_thread`): XLA's CPU client runs the programs one thread dispatches
-    one after another, so a decode dispatched by the thread that has just dispatched the LM's next call would wait
-    for that call; from another thread the two run side by side."""
+    The LM samples on its own thread (`_sample_pieces`), handing each call's complete frames over a queue, and the
+    decoder runs on the caller's: XLA's CPU client runs the programs one thread dispatches one after another, so
+    from one thread every decode would wait for the LM call dispatched before it; from two they run side by side,
+    and the LM never waits for the decoder (nor for the caller). `progress` is called on the caller's thread, as
+    each call's frames are taken."""
     frames = mg.frames_for(duration)
     prompt_codes = mg._prompt_codes(prompt_audio, prompt_sample_rate, cond.shape[0], frames)
     stream = AudioStream(mg, cond.shape[0], chunk_steps)
-    sent = 0  # frames of the piece handed to the decoder
     chunks = mg.iter_windows(cond, mask, prompt_codes, frames, sampling, jax.random.key(seed), melody=melody,
                              melody_sample_rate=melody_sample_rate or mg.sample_rate, steps_per_call=chunk_steps)
-    with decode_thread() as decoder:
-        for chunk in chunks:
+    with _sample_pieces(mg, chunks, frames) as pieces:
+        for done, total, codes in pieces:
             if progress is not None:
-                progress(chunk.steps_before + chunk.done, chunk.steps_all)
-            window = chunk.codes.shape[-1]
-            known = min(frames, chunk.start + complete_frames(mg.config.lm, window, chunk.prompt_frames, chunk.done))
-            # The LM's next call is already running (iter_windows dispatches it before handing this one out).
-            wav = decoder.submit(stream.push, chunk.codes[:, :, sent - chunk.start: known - chunk.start]).result()
-            sent = max(sent, known)
+                progress(done, total)
+            wav = stream.push(codes)
             if wav.shape[-1]:
                 yield wav
-        empty = np.zeros((cond.shape[0], mg.config.lm.num_codebooks, 0), np.int32)
-        wav = decoder.submit(stream.push, empty, True).result()
-        if wav.shape[-1]:
-            yield wav
+    wav = stream.push(np.zeros((cond.shape[0], mg.config.lm.num_codebooks, 0), np.int32), final=True)
+    if wav.shape[-1]:
+        yield wav
 
 
 @contextlib.contextmanager
-def decode_thread() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
-    """One worker thread for a stream's decoder calls, joined when the stream ends or is abandoned."""
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mgjax-stream-decode")
+def _sample_pieces(mg, chunks, frames: int) -> Iterator[Iterator[tuple[int, int, np.ndarray]]]:
+    """Runs the window walk `chunks` (`MusicGen.iter_windows`) on a thread of its own; yields an iterator of
+    `(steps done, steps total, codes [B, K, t])`: each call's newly complete frames of the piece, in order. Leaving
+    the block (the stream finished, failed or abandoned) stops the thread after its current call and joins it."""
+    handed: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def sample() -> None:
+        try:
+            sent = 0  # frames of the piece handed over
+            for chunk in chunks:
+                complete = complete_frames(mg.config.lm, chunk.codes.shape[-1], chunk.prompt_frames, chunk.done)
+                known = min(frames, chunk.start + complete)
+                handed.put((chunk.steps_before + chunk.done, chunk.steps_all,
+                            chunk.codes[:, :, sent - chunk.start: known - chunk.start]))
+                sent = max(sent, known)
+                if stop.is_set():
+                    return
+            handed.put(None)
+        except BaseException as error:  # raised again on the caller's thread
+            handed.put(error)
+
+    def taken() -> Iterator[tuple[int, int, np.ndarray]]:
+        while True:
+            item = handed.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    thread = threading.Thread(target=sample, name="mgjax-stream-lm")
+    thread.start()
     try:
-        yield executor
+        yield taken()
     finally:
-        executor.shutdown(wait=True, cancel_futures=True)
+        stop.set()
+        thread.join()

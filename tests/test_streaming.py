@@ -161,12 +161,12 @@ def test_stream_checks_its_arguments_before_returning():
                                                                            temperature=float("nan"))
 
 
-def test_abandoned_stream_stops_its_decode_thread():
-    """A stream closed after its first chunk joins its decoder thread (no worker left behind)."""
+def test_abandoned_stream_stops_its_sampling_thread():
+    """A stream closed after its first chunk stops and joins the thread its LM samples on (none left behind)."""
     import threading
 
     stream = model("lm.audio_channels=2", "lm.num_codebooks=8").generate_stream(
         input_ids=IDS, attention_mask=MASK, chunk_steps=9, duration=1.1, top_p=0.9, seed=4)
     assert next(stream).shape[-1] > 0
     stream.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith("mgjax-stream-decode") and t.is_alive()]
+    assert not [t for t in threading.enumerate() if t.name.startswith("mgjax-stream") and t.is_alive()]
