@@ -81,7 +81,6 @@ def bench_row(row: str, seconds: float, runs: int) -> dict:
     warm = min(streams, key=lambda run: run["total"])
     pairs = [stream["total"] / generate for stream, generate in zip(streams, plain)]
     return dict(row=row, seconds=seconds, cold_first=cold["first"], warm_first=warm["first"],
-                warm_first_median=float(np.median([run["first"] for run in streams])),
                 interval=float(np.median(warm["intervals"])) if warm["intervals"] else float("nan"),
                 chunk_audio=float(np.median(warm["chunk_audio"])), rtf=warm["audio"] / warm["total"],
                 stream_total=warm["total"], generate_total=min(plain), pairs=pairs)

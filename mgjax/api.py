@@ -277,9 +277,10 @@ class MusicGen:
         """`generate`, heard while it is made: yields float32 audio chunks `[B, C, n]` whose concatenation is
         `generate(...).wav` for the same arguments (`options`: `generate`'s keywords; checked before this returns).
 
-        The LM runs `chunk_steps` pattern steps per compiled call (default: half a second of frames); after each
-        call the frames whose K codes are all sampled are decoded incrementally (`mgjax.streaming`), the codec's
-        right context (`lookahead_frames`) held back until known. `progress(step, total)` after each call."""
+        The LM runs `chunk_steps` pattern steps per compiled call (default: half a second of frames) on a thread of
+        its own; after each call the frames whose K codes are all sampled are decoded incrementally on the
+        caller's thread (`mgjax.streaming`, one compiled decoder program for every chunk), the codec's right
+        context (`lookahead_frames`) held back until known. `progress(step, total)` after each call."""
         request = self._text_request(prompts, duration, **options)
         from mgjax.streaming import stream_generation
         steps = chunk_steps if chunk_steps > 0 else max(1, int(round(self.frame_rate / 2)))

@@ -5,7 +5,8 @@ After each compiled call of `chunk_steps` pattern steps, the frames whose K code
 (`sampling.complete_frames`: with the delay pattern a frame completes K - 1 steps after its first code) are handed
 to the decoder, which returns the audio whose right context is known. Windows past `lm.max_duration` chain as in
 `generate` (each later window's prompt frames were already streamed). Stereo models decode left and right as two
-batch rows of the mono codec, as `MusicGen.decode` does.
+batch rows of the mono codec, as `MusicGen.decode` does. The LM samples on a thread of its own, the decoder runs
+on the caller's (`stream_generation`).
 """
 from __future__ import annotations
 
@@ -17,20 +18,9 @@ from typing import Callable, Iterator, Optional
 import jax
 import numpy as np
 
+from mgjax.audio import channels_from_batch, codes_to_batch
 from mgjax.codec.streaming import StreamingDecoder
 from mgjax.sampling import SamplingConfig, complete_frames
-
-
-def stereo_to_batch(codes_BxKxT):
-    """Interleaved stereo codes `[B, 2K', T]` (`[L0, R0, L1, R1, ...]`) -> `[2B, K', T]`: left rows, then right."""
-    xp = np if isinstance(codes_BxKxT, np.ndarray) else jax.numpy
-    return xp.concatenate([codes_BxKxT[:, ::2], codes_BxKxT[:, 1::2]], axis=0)
-
-
-def channels_from_batch(wav_2BxCxN, batch: int):
-    """`[2B, 1, N]` (left rows, then right) -> `[B, 2, N]`."""
-    xp = np if isinstance(wav_2BxCxN, np.ndarray) else jax.numpy
-    return xp.concatenate([wav_2BxCxN[:batch], wav_2BxCxN[batch:]], axis=1)
 
 
 class AudioStream:
@@ -48,7 +38,7 @@ class AudioStream:
     def push(self, codes_BxKxT: np.ndarray, final: bool = False) -> np.ndarray:
         if not self.stereo:
             return self.decoder.push(codes_BxKxT, final)
-        return channels_from_batch(self.decoder.push(stereo_to_batch(codes_BxKxT), final), self.batch)
+        return channels_from_batch(self.decoder.push(codes_to_batch(codes_BxKxT), final), self.batch)
 
 
 def stream_generation(mg, cond, mask, duration: float, sampling: SamplingConfig, seed: int, *, melody=None,
@@ -69,6 +59,7 @@ def stream_generation(mg, cond, mask, duration: float, sampling: SamplingConfig,
     chunks = mg.iter_windows(cond, mask, prompt_codes, frames, sampling, jax.random.key(seed), melody=melody,
                              melody_sample_rate=melody_sample_rate or mg.sample_rate, steps_per_call=chunk_steps)
     with _sample_pieces(mg, chunks, frames) as pieces:
+        stream.decoder.compile()  # while the LM compiles its first programs on its thread
         for done, total, codes in pieces:
             if progress is not None:
                 progress(done, total)

@@ -153,7 +153,7 @@ def _padded_history(layer: StreamLayer, cfg: CodecConfig, x_BxSxC, count, histor
     buffer = jax.lax.dynamic_update_slice_in_dim(buffer, x_BxSxC, offset, axis=1)
     end = offset + count  # buffer index just past the last valid input
     if right and cfg.pad_mode == "reflect":
-        mirrored = jnp.take(buffer, end - 2 - jnp.arange(right), axis=1)
+        mirrored = jnp.take(buffer, end - 2 - jnp.arange(right), axis=1, mode="clip")
         after = jnp.where(final, mirrored, jax.lax.dynamic_slice_in_dim(buffer, end, right, axis=1))
         buffer = jax.lax.dynamic_update_slice_in_dim(buffer, after, end, axis=1)
     return buffer, jax.lax.dynamic_slice_in_dim(buffer, end - left - right, left + right, axis=1)
@@ -276,7 +276,19 @@ class StreamingDecoder:
         so that the second call reuses the first call's compiled program."""
         state = initial_state(self.codec.params, cfg=self.config, batch=self.batch)
         leaf = jax.tree.leaves(self.codec.params)[0]
-        return jax.device_put(state, leaf.sharding) if getattr(leaf, "committed", False) else state
+        if not getattr(leaf, "committed", False):
+            return state
+        sharding = leaf.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):  # params on a mesh: the state replicated over it
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        return jax.device_put(state, sharding)
+
+    def compile(self) -> None:
+        """Compiles the one program now (a stream does it while the LM compiles on its own thread), so that the
+        first push only runs it; optional (the first push compiles it otherwise)."""
+        slots = np.zeros((self.batch, self.config.n_q, self.chunk_frames), np.int32)
+        _decode_step.lower(self.codec.params, self._initial_state(), slots, np.int32(0), np.bool_(True),
+                           np.bool_(False), cfg=self.config).compile()
 
     def push(self, codes_BxKxT, final: bool = False) -> np.ndarray:
         """Appends codes `[B, K, t]` (t may be 0); returns the float32 audio `[B, C, n]` now complete (n a multiple
