@@ -160,6 +160,15 @@ def ordering(values: dict, spread: float, lower_is_better: bool, fmt: str) -> st
 
 # ----------------------------------------------------------------------------------------------- tables
 
+def _markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _markdown_head(head: list[str]) -> list[str]:
+    """A markdown table's header row and its rule."""
+    return [_markdown_row(head), "|---" * len(head) + "|"]
+
+
 def _fmt_seeds(values: list[float], fmt: str) -> str:
     mean = format(float(np.mean(values)), fmt)
     return mean if len(values) < 2 else f"{mean} ({' / '.join(format(v, fmt) for v in values)})"
@@ -171,7 +180,7 @@ def loss_table(summaries: dict, variants: list[str], spread: dict) -> str:
     present = [v for v in variants if v in summaries]
     ranks = tied_ranks({v: summaries[v]["mean"]["held-out loss"] for v in present},
                        spread.get("held-out loss", 0.0), lower_is_better=True)
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    lines = _markdown_head(head)
     for v in present:
         s = summaries[v]
         valid = s["per_seed"]["valid loss"]
@@ -182,7 +191,7 @@ def loss_table(summaries: dict, variants: list[str], spread: dict) -> str:
         cells += [f"{x:.3f}" for x in s["loss_per_codebook"]]
         cells += [f"{s['sampling_audio_s_per_s']:.1f} (batch {s['sampling_batch']})",
                   f"{s['ms_per_decoding_step']:.1f}", ranks[v]]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_markdown_row(cells))
     return "\n".join(lines)
 
 
@@ -190,19 +199,19 @@ def adherence_table(summaries: dict, variants: list[str], spread: dict, ref: dic
     present = [v for v in variants if v in summaries]
     ranks = tied_ranks({v: summaries[v]["mean"]["mean adherence"] for v in present},
                        spread.get("mean adherence", 0.0), lower_is_better=False)
-    lines = ["| " + " | ".join(ADHERENCE_COLUMNS) + " |", "|---" * len(ADHERENCE_COLUMNS) + "|"]
+    lines = _markdown_head(list(ADHERENCE_COLUMNS))
     for v in present:
         s = summaries[v]
         cells = [v] + [f"{s['adherence'][a]['accuracy']:.1%} [{s['adherence'][a]['ci95'][0]:.0%}, "
                        f"{s['adherence'][a]['ci95'][1]:.0%}]" for a in ATTRIBUTES]
         cells += [_fmt_seeds(s["per_seed"]["mean adherence"], ".1%"), ranks[v]]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_markdown_row(cells))
     for name, values in (ref or {}).items():
         mean = np.mean([values[a]["accuracy"] for a in ATTRIBUTES])
-        lines.append(f"| {name} (ceiling) | " + " | ".join(f"{values[a]['accuracy']:.1%}" for a in ATTRIBUTES)
-                     + f" | {mean:.1%} | |")
-    lines.append("| chance | " + " | ".join(f"{CHANCE[a]:.1%}" for a in ATTRIBUTES)
-                 + f" | {np.mean(list(CHANCE.values())):.1%} | |")
+        lines.append(_markdown_row([f"{name} (ceiling)"] + [f"{values[a]['accuracy']:.1%}" for a in ATTRIBUTES]
+                                   + [f"{mean:.1%}", ""]))
+    lines.append(_markdown_row(["chance"] + [f"{CHANCE[a]:.1%}" for a in ATTRIBUTES]
+                               + [f"{np.mean(list(CHANCE.values())):.1%}", ""]))
     return "\n".join(lines)
 
 

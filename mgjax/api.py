@@ -21,6 +21,7 @@ from mgjax.lm.model import boxed_lm_params, quantize_lm_params, weights_for_comp
 from mgjax.sampling import (SamplingConfig, generate_codes, generate_in_chunks, split_layers_by_default,
                              steps_to_sample)
 from mgjax.runtime import jit_once
+from mgjax.streaming import stream_generation
 from mgjax.text.t5 import boxed_t5_params, encode_text
 from mgjax.validation import InvalidInput, finite_audio, generation_settings, long_duration_note, sample_rate
 
@@ -282,7 +283,6 @@ class MusicGen:
         caller's thread (`mgjax.streaming`, one compiled decoder program for every chunk), the codec's right
         context (`lookahead_frames`) held back until known. `progress(step, total)` after each call."""
         request = self._text_request(prompts, duration, **options)
-        from mgjax.streaming import stream_generation
         steps = chunk_steps if chunk_steps > 0 else max(1, int(round(self.frame_rate / 2)))
         return stream_generation(self, **request, chunk_steps=steps, progress=progress)
 
