@@ -34,7 +34,9 @@ def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, f
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # The interval always contains p; clamping to it keeps float rounding (p = 1: hi = 0.9999999999999999) from
+    # putting p outside, which matplotlib's error bars refuse as a negative length.
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -351,7 +353,7 @@ def plot_all(out: str, by_step: dict, records: dict, variants: list[str]) -> lis
         for ax, key, scale in ((left, "held-out loss", 1.0), (right, "mean adherence", 100.0)):
             ax.annotate(v, (x[-1], points[-1][1]["mean"][key] * scale), textcoords="offset points",
                         xytext=(5, 3), fontsize=7, color=colour[v])
-    ticks = sorted({round(by_step[full][v]["decoding_steps_per_audio_second"]) for v in present})
+    ticks = spaced_ticks([by_step[full][v]["decoding_steps_per_audio_second"] for v in present])
     left.set_ylabel("held-out teacher-forced loss (nats per code)")
     right.set_ylabel("mean adherence over the six attributes (%)")
     for ax in (left, right):
@@ -366,6 +368,16 @@ def plot_all(out: str, by_step: dict, records: dict, variants: list[str]) -> lis
     plt.close(fig)
     paths.append(os.path.join(out, "quality_vs_steps.png"))
     return paths
+
+
+def spaced_ticks(values: list[float], min_ratio: float = 1.25) -> list[int]:
+    """Rounded tick positions for a log axis, each at least `min_ratio` times the previous one, so patterns that
+    differ by a step or two (delay 26, parallel 25.25 steps/s) share one label instead of overprinting."""
+    ticks: list[int] = []
+    for value in sorted(round(v) for v in values):
+        if not ticks or value >= ticks[-1] * min_ratio:
+            ticks.append(value)
+    return ticks
 
 
 # ----------------------------------------------------------------------------------------------- entry

@@ -125,7 +125,15 @@ def test_ties_and_ranks():
     assert report.ordering({"a": 1.0, "b": 1.04, "c": 1.2}, 0.05, True, ".2f") == "a (1.00) ≈ b (1.04) > c (1.20)"
     lo, hi = report.wilson_interval(32, 64)
     assert lo == pytest.approx(0.3809, abs=1e-3) and hi == pytest.approx(0.6191, abs=1e-3)
+    assert all(report.wilson_interval(n, n)[1] == 1.0 and report.wilson_interval(0, n)[0] == 0.0
+               for n in range(1, 300))  # p itself, not p -/+ a rounding error (a negative error bar)
     assert report.wilson_interval(0, 10)[0] == 0.0 and report.eval_steps(500, [0.5, 1.0]) == [250, 500]
     spread = report.seed_spread({"a": {"per_seed": {"valid loss": [2.0, 2.1]}},
                                  "b": {"per_seed": {"valid loss": [3.0]}}})
     assert spread["valid loss"] == pytest.approx(0.1)
+
+
+def test_spaced_ticks_merge_neighbouring_step_rates():
+    # delay 26, parallel 25.25, partial delay 25.5 share the label 25; 50.25 and 100.25 keep their own
+    assert report.spaced_ticks([26.0, 25.25, 100.25, 50.25, 25.5]) == [25, 50, 100]
+    assert report.spaced_ticks([]) == []
