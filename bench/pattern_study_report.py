@@ -362,7 +362,8 @@ def plot_all(out: str, by_step: dict, records: dict, variants: list[str]) -> lis
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
         ax.grid(alpha=0.3)
-    right.legend(fontsize=8, title="filled: full budget; open: earlier steps", title_fontsize=8)
+    right.legend(fontsize=8, title="filled: full budget\nopen: earlier steps", title_fontsize=8,
+                 loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: the points fill the whole axes
     fig.tight_layout()
     fig.savefig(os.path.join(out, "quality_vs_steps.png"), dpi=110)
     plt.close(fig)
